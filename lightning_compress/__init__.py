@@ -1,0 +1,22 @@
+"""lightning_compress: model compression inside the PyTorch Lightning training loop.
+
+The techniques arrive one by one; what is importable here is what is implemented.
+"""
+
+from .callbacks import CompressionReport
+from .data import CIFAR10DataModule, DigitsDataModule
+from .methods import compression_report
+from .models import create_model, list_models
+from .module import ImageClassifier
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CIFAR10DataModule",
+    "CompressionReport",
+    "DigitsDataModule",
+    "ImageClassifier",
+    "compression_report",
+    "create_model",
+    "list_models",
+]

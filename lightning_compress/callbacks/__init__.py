@@ -1,0 +1,5 @@
+"""Lightning callbacks: they decide when a compression method runs, log it and checkpoint its state."""
+
+from .report import CompressionReport
+
+__all__ = ["CompressionReport"]

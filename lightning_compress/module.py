@@ -1,0 +1,155 @@
+"""ImageClassifier: a LightningModule around any registered classifier."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from .models import create_model
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The model weights of a Lightning checkpoint (``model.`` prefix removed) or of a plain state dict.
+
+    Loads with ``weights_only=True``: a checkpoint can hold tensors and plain values, never code.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"weights={str(path)!r}: no such file")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"weights={str(path)!r} is neither a Lightning checkpoint nor a state dict of tensors")
+    if any(k.startswith("model.") for k in state):
+        state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+    return state
+
+
+class ImageClassifier(pl.LightningModule):
+    """Train and evaluate any model of the registry with cross-entropy and torchmetrics accuracy.
+
+    Args:
+        model: a name from :func:`lightning_compress.models.list_models`.
+        num_classes: output classes (the CLI links it to the data module's ``num_classes``).
+        model_kwargs: extra arguments of the model builder (``width`` of a VGG, for instance).
+        optimizer: ``"sgd"`` (momentum, Nesterov) or ``"adamw"``.
+        lr, momentum, weight_decay, nesterov: optimizer settings. Weight decay is not applied to
+            biases and normalisation parameters.
+        scheduler: ``"cosine"`` (per step, after ``warmup_epochs`` of linear warm-up), ``"onecycle"``
+            or ``"none"``.
+        label_smoothing: of the cross-entropy loss.
+        weights: a checkpoint (Lightning ``.ckpt`` or a state dict) whose weights the model starts
+            from; unlike ``ckpt_path`` of ``fit``, it restores no optimizer, epoch or callback state.
+        channels_last: keep weights and inputs in NHWC memory format (faster convolutions on GPUs).
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_compress import DigitsDataModule, ImageClassifier
+        >>> module = ImageClassifier("digits_cnn", optimizer="adamw", lr=0.01)
+        >>> trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+        ...                      enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(module, datamodule=DigitsDataModule())
+    """
+
+    def __init__(
+        self,
+        model: str = "vgg19_bn",
+        num_classes: int = 10,
+        model_kwargs: dict[str, Any] | None = None,
+        optimizer: Literal["sgd", "adamw"] = "sgd",
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        nesterov: bool = True,
+        scheduler: Literal["cosine", "onecycle", "none"] = "cosine",
+        warmup_epochs: float = 0.0,
+        label_smoothing: float = 0.0,
+        weights: str | None = None,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        if optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer={optimizer!r} is not supported; valid: 'sgd', 'adamw'")
+        if scheduler not in ("cosine", "onecycle", "none"):
+            raise ValueError(f"scheduler={scheduler!r} is not supported; valid: 'cosine', 'onecycle', 'none'")
+        if lr <= 0:
+            raise ValueError(f"lr={lr} must be > 0")
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1)")
+        if warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs={warmup_epochs} must be >= 0")
+        self.save_hyperparameters()
+        self.model = create_model(model, num_classes=num_classes, **(model_kwargs or {}))
+        if weights:
+            self.model.load_state_dict(load_weights(weights))
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x)
+
+    def _step(self, batch, stage: str, metric: MulticlassAccuracy) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = self.criterion(logits, labels)
+        metric(logits, labels)
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=not on_step)
+        self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train", self.train_acc)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "val", self.val_acc)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "test", self.test_acc)
+
+    def _param_groups(self) -> list[dict]:
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            if p.requires_grad:
+                # Decaying BN scales and biases only shrinks them toward zero for no regularisation gain.
+                (no_decay if p.ndim <= 1 else decay).append(p)
+        return [
+            {"params": decay, "weight_decay": self.hparams.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        if hp.optimizer == "sgd":
+            optimizer = torch.optim.SGD(self._param_groups(), lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov)
+        else:
+            optimizer = torch.optim.AdamW(self._param_groups(), lr=hp.lr)
+        if hp.scheduler == "none":
+            return optimizer
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        if hp.scheduler == "onecycle":
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp.lr, total_steps=total)
+        else:
+            steps_per_epoch = total / max(1, self.trainer.max_epochs or 1)
+            warmup = min(total - 1, int(hp.warmup_epochs * steps_per_epoch))
+
+            def cosine_with_warmup(step: int) -> float:
+                if step < warmup:
+                    return (step + 1) / (warmup + 1)
+                progress = min(1.0, (step - warmup) / max(1, total - warmup))
+                return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
