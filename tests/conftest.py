@@ -22,7 +22,7 @@ def write_tiny_cifar_zip(path: Path, prefix: str = "") -> Path:
         for split, count in (("train", TRAIN_PER_CLASS), ("test", TEST_PER_CLASS)):
             for label, name in enumerate(CLASSES):
                 for i in range(count):
-                    pixels = np.full((32, 32, 3), label * 25, dtype=np.uint8)
+                    pixels = np.full((32, 32, 3), 20 + label * 25, dtype=np.uint8)
                     pixels[0, 0] = rng.integers(0, 255, 3)  # distinct files, same class colour
                     buf = io.BytesIO()
                     Image.fromarray(pixels).save(buf, format="JPEG", quality=95)

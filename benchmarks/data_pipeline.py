@@ -1,0 +1,127 @@
+"""Throughput of CIFAR10DataModule against plain tensor indexing and per-image torchvision transforms.
+
+Measured in one run, on whatever CPU (or GPU, with --device cuda) this runs on:
+
+* cold start: decode the source into the cache; warm start: a fresh data module loading the cache;
+* images/s through the training loader plus ``on_after_batch_transfer`` (crop, flip, normalise);
+* the same number of batches by plain indexing of the uint8 tensor plus normalisation (the floor:
+  no augmentation at all), and by torchvision.transforms.v2 applied per image in ``__getitem__``
+  (the usual pipeline), both with the default collate.
+
+    python -m benchmarks.data_pipeline [--data-dir DIR] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_compress import CIFAR10DataModule
+from lightning_compress.data.augment import normalize
+from lightning_compress.data.cifar10 import CIFAR10_MEAN, CIFAR10_STD
+
+RESULTS = Path(__file__).parent / "results"
+
+
+class _FakeTrainer:
+    training = True
+
+
+class PerImageTransforms(Dataset):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        from torchvision.transforms import v2
+
+        self.images, self.labels = images, labels
+        self.transform = v2.Compose([
+            v2.RandomCrop(32, padding=4),
+            v2.RandomHorizontalFlip(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(CIFAR10_MEAN, CIFAR10_STD),
+        ])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.transform(self.images[i]), self.labels[i]
+
+
+def _rate(batches, device: torch.device, step) -> float:
+    n, start = 0, time.perf_counter()
+    for images, labels in batches:
+        images, labels = step(images.to(device, non_blocking=True), labels.to(device, non_blocking=True))
+        n += len(labels)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batches", type=int, default=100)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+
+    with tempfile.TemporaryDirectory() as cache:
+        dm = CIFAR10DataModule(args.data_dir, batch_size=args.batch_size, val_size=0, cache_dir=cache)
+        start = time.perf_counter()
+        dm.prepare_data()
+        dm.setup()
+        cold = time.perf_counter() - start
+        start = time.perf_counter()
+        warm_dm = CIFAR10DataModule(args.data_dir, batch_size=args.batch_size, val_size=0, cache_dir=cache)
+        warm_dm.prepare_data()
+        warm_dm.setup()
+        warm = time.perf_counter() - start
+
+    dm.trainer = _FakeTrainer()  # so on_after_batch_transfer augments, as in training
+    loader = dm.train_dataloader()
+
+    def take(it):
+        return (b for _, b in zip(range(args.batches), it))
+
+    ours = _rate(take(iter(loader)), device, lambda x, y: dm.on_after_batch_transfer((x, y), 0))
+
+    images, labels = dm.train_set.images, dm.train_set.labels
+
+    def plain_batches():
+        for _ in range(args.batches):
+            idx = torch.randint(0, len(labels), (args.batch_size,))
+            yield images[idx], labels[idx]
+
+    plain = _rate(plain_batches(), device, lambda x, y: (normalize(x, CIFAR10_MEAN, CIFAR10_STD), y))
+    per_image_loader = DataLoader(PerImageTransforms(images, labels), batch_size=args.batch_size, shuffle=True)
+    per_image = _rate(take(iter(per_image_loader)), device, lambda x, y: (x, y))
+
+    result = {
+        "benchmark": "data_pipeline",
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "batch_size": args.batch_size,
+        "batches": args.batches,
+        "cold_start_s": round(cold, 2),
+        "warm_start_s": round(warm, 2),
+        "images_per_s": {
+            "datamodule_with_device_augmentation": round(ours),
+            "plain_tensor_indexing_no_augmentation": round(plain),
+            "torchvision_v2_per_image": round(per_image),
+        },
+        "ratio_datamodule_vs_plain": round(ours / plain, 3),
+        "ratio_datamodule_vs_per_image": round(ours / per_image, 2),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"data_pipeline_{device.type}.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

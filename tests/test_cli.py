@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_compress.cli import build_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted(ROOT.glob("recipes/**/*.yaml"))
+
+
+def _ids(paths):
+    return [str(p.relative_to(ROOT / "recipes")) for p in paths]
+
+
+def test_recipes_exist():
+    names = {p.name for p in RECIPES}
+    assert "quickstart.yaml" in names
+    for model in ("vgg19_bn", "squeezenet1_1", "mobilenet_v2", "shufflenet_v2"):
+        assert f"{model}_cifar10.yaml" in names
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=_ids(RECIPES))
+def test_print_config(recipe, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli(["fit", "--config", str(recipe), "--print_config"])
+    assert exit_info.value.code == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"]["model"] == yaml.safe_load(recipe.read_text())["model"]["model"]
+    assert config["data"]["class_path"].startswith("lightning_compress.")
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=_ids(RECIPES))
+def test_fast_dev_run(recipe, tiny_cifar_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # recipes write under ./checkpoints
+    args = ["fit", "--config", str(recipe), "--trainer.fast_dev_run=1", "--trainer.accelerator=cpu"]
+    if "CIFAR10DataModule" in recipe.read_text():
+        args += [
+            f"--data.init_args.data_dir={tiny_cifar_dir}",
+            f"--data.init_args.cache_dir={tmp_path / 'cache'}",
+            "--data.init_args.batch_size=4",
+        ]
+    cli = build_cli(args)
+    assert cli.trainer.state.finished
+    assert cli.trainer.global_step == 1
+
+
+def test_cli_offers_fit_validate_test_only():
+    from lightning_compress.cli import CompressCLI
+
+    assert set(CompressCLI.subcommands()) == {"fit", "validate", "test"}
+
+
+def test_test_subcommand_from_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    quickstart = str(ROOT / "recipes" / "quickstart.yaml")
+    build_cli(["fit", "--config", quickstart, "--trainer.max_epochs=1"])
+    ckpt = tmp_path / "checkpoints" / "quickstart" / "last.ckpt"
+    assert ckpt.is_file()
+    cli = build_cli(["test", "--config", quickstart, f"--ckpt_path={ckpt}"])
+    assert cli.trainer.callback_metrics["test/acc"] > 0.5
