@@ -31,6 +31,8 @@ RESULTS = Path(__file__).parent / "results"
 
 class _FakeTrainer:
     training = True
+    global_step = 0
+    global_rank = 0
 
 
 class PerImageTransforms(Dataset):
