@@ -3,7 +3,7 @@
 The techniques arrive one by one; what is importable here is what is implemented.
 """
 
-from .callbacks import CompressionReport
+from .callbacks import CompressionReport, IterativePruning
 from .data import CIFAR10DataModule, DigitsDataModule
 from .methods import compression_report
 from .models import create_model, list_models
@@ -16,6 +16,7 @@ __all__ = [
     "CompressionReport",
     "DigitsDataModule",
     "ImageClassifier",
+    "IterativePruning",
     "compression_report",
     "create_model",
     "list_models",

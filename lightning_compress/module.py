@@ -11,7 +11,11 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from .methods.pruning.channels import resize_to_state_dict
 from .models import create_model
+
+# Buffers that pruning adds beside a weight while it trains; a checkpoint saved mid-schedule has them.
+_TRAINING_ONLY_BUFFERS = ("weight_rewind", "weight_grad_sq")
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -29,6 +33,16 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if any(k.startswith("model.") for k in state):
         state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
     return state
+
+
+def fold_pruning_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Plain weights from a state dict saved mid-pruning: masks multiplied in, pruning buffers dropped."""
+    out = {k: v for k, v in state.items() if not k.endswith(("weight_mask",) + _TRAINING_ONLY_BUFFERS)}
+    for key, mask in state.items():
+        if key.endswith(".weight_mask") and key[: -len("_mask")] in out:
+            weight_key = key[: -len("_mask")]
+            out[weight_key] = out[weight_key] * mask.to(out[weight_key].dtype)
+    return out
 
 
 class ImageClassifier(pl.LightningModule):
@@ -87,13 +101,24 @@ class ImageClassifier(pl.LightningModule):
         self.save_hyperparameters()
         self.model = create_model(model, num_classes=num_classes, **(model_kwargs or {}))
         if weights:
-            self.model.load_state_dict(load_weights(weights))
+            # A compressed checkpoint starts a new run as plain weights: masks folded in, and layers
+            # resized where filter pruning removed channels.
+            state = fold_pruning_state(load_weights(weights))
+            resize_to_state_dict(self.model, state)
+            self.model.load_state_dict(state)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Runs before the checkpoint's state dict is loaded: a filter-pruned checkpoint has smaller
+        # layers than a freshly built model, which are resized here so that the load succeeds.
+        state = {k[len("model.") :]: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith("model.")}
+        if resize_to_state_dict(self.model, state) and self.hparams.channels_last:
+            self.model.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last and x.ndim == 4:

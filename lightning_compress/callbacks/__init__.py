@@ -1,5 +1,6 @@
 """Lightning callbacks: they decide when a compression method runs, log it and checkpoint its state."""
 
+from .pruning import IterativePruning
 from .report import CompressionReport
 
-__all__ = ["CompressionReport"]
+__all__ = ["CompressionReport", "IterativePruning"]

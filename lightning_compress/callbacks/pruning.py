@@ -1,0 +1,388 @@
+"""IterativePruning: scheduled magnitude / OBD pruning with rehabilitation masks, inside ``fit``."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from typing_extensions import override
+
+from ..methods.pruning import masks as M
+from ..methods.pruning import selection as S
+from ..methods.pruning.schedule import PruningSchedule
+from .targets import compressible_root, first_match, resolve_targets
+
+
+class IterativePruning(Callback):
+    """Prune Conv / Linear weights on a schedule while the model trains.
+
+    Masks are bool buffers beside the weights (``<layer>.weight_mask``): state-dict keys of the
+    weights never change, a checkpoint saved mid-schedule resumes with its masks, and at the end
+    of ``fit`` the masks are folded into the weights so that the state dict loads into the
+    unpruned architecture with exact zeros.
+
+    Args:
+        sparsity: final fraction of weights pruned, in [0, 1): one float, or ``{glob: value}`` per
+            layer (first matching glob wins; layers that match none are not pruned). A
+            ``sparsity.yaml`` written by ``lightning-compress-sensitivity`` is such a dict.
+        schedule: ``"one_shot"`` at ``start_epoch``; ``"iterative"``: a pruning round at the start of
+            each epoch from ``start_epoch`` to ``end_epoch``, retraining between (Han et al. 2015);
+            ``"agp"``: s_t = s_f + (s_i - s_f)(1 - p)^3 from the start of ``start_epoch`` to the start of
+            ``end_epoch``, masks updated every ``frequency`` steps (Zhu and Gupta 2017).
+        start_epoch, end_epoch: extent of the schedule.
+        frequency: optimizer steps between AGP updates, and between rehabilitation updates.
+        initial_sparsity: AGP's s_i.
+        rehabilitation: Dynamic Network Surgery (Guo et al. 2016). The forward uses the masked weights,
+            the gradient updates all dense weights (straight-through), and every ``frequency`` steps the
+            masks are recomputed from the dense weights with hysteresis ``margin``: a pruned weight is
+            spliced back once it grows past the cut. Without it, a pruned weight is exactly zero and
+            stays so: its gradient is masked and its momentum / Adam state cleared when it is pruned.
+        margin: DNS hysteresis; a kept weight's score counts ``1 + margin`` times in the ranking.
+        scope: ``"layer"`` (each layer reaches its sparsity) or ``"global"`` (one ranking of all
+            targeted weights; magnitudes compared across layers, as Han et al.).
+        structure: ``"unstructured"`` (single weights) or ``"filter"`` (whole output channels of
+            convolutions, ranked by L1 / L2 norm (``norm``), masked with their BatchNorm channels during
+            training and physically removed with the next layer's input channels at fit end when
+            ``make_permanent``: the model becomes smaller and faster on dense hardware). Filter
+            pruning needs plain chains (VGG); convolutions that feed residual adds, concatenations,
+            channel shuffles or depthwise convolutions (MobileNetV2, ShuffleNetV2) are refused.
+        criterion: ``"magnitude"`` or ``"obd"``: Optimal Brain Damage saliency 1/2 h_ii w_i^2, with the
+            Hessian diagonal h_ii estimated as the mean squared mini-batch gradient over the steps
+            since the previous update (the empirical Fisher); an update waits until at least
+            ``obd_batches`` batches were seen.
+        targets: module-name globs relative to the network (``"features.*"``); default every
+            Conv1d/2d/3d and Linear (for ``"filter"``: every convolution that can be removed).
+        rewind_epoch: lottery-ticket rewinding (Frankle et al. 2019): the weights at the start of
+            this epoch are saved, and after each pruning round the surviving weights are reset to
+            them. Must not be after ``start_epoch``.
+        make_permanent: at fit end fold masks into weights and drop the buffers (and, for filters,
+            remove the channels).
+        log_layers: log each layer's sparsity besides the global one.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_compress import DigitsDataModule, ImageClassifier, IterativePruning
+        >>> pruning = IterativePruning(sparsity=0.8, schedule="agp", start_epoch=0, end_epoch=2, frequency=5)
+        >>> trainer = pl.Trainer(max_epochs=3, callbacks=[pruning], logger=False, enable_checkpointing=False,
+        ...                      enable_progress_bar=False, enable_model_summary=False)
+        >>> module = ImageClassifier("digits_cnn", optimizer="adamw", lr=0.01)
+        >>> trainer.fit(module, datamodule=DigitsDataModule())
+        >>> round(pruning.history[-1][1], 3)
+        0.8
+    """
+
+    def __init__(
+        self,
+        sparsity: float | dict[str, float] = 0.5,
+        schedule: str = "agp",
+        start_epoch: int = 0,
+        end_epoch: int = 10,
+        frequency: int = 100,
+        initial_sparsity: float = 0.0,
+        rehabilitation: bool = False,
+        margin: float = 0.1,
+        scope: str = "layer",
+        structure: str = "unstructured",
+        criterion: str = "magnitude",
+        norm: int = 1,
+        obd_batches: int = 16,
+        targets: list[str] | None = None,
+        rewind_epoch: int | None = None,
+        make_permanent: bool = True,
+        log_layers: bool = True,
+    ) -> None:
+        if isinstance(sparsity, dict):
+            if not sparsity:
+                raise ValueError("sparsity={} names no layer; give a float or {glob: value}")
+            for glob, value in sparsity.items():
+                if not 0.0 <= float(value) < 1.0:
+                    raise ValueError(f"sparsity[{glob!r}]={value} must be in [0, 1)")
+            if scope == "global":
+                raise ValueError("sparsity as a per-layer dict needs scope='layer', got scope='global'")
+            final = max(float(v) for v in sparsity.values())
+        else:
+            final = float(sparsity)
+        for name, value, valid in (
+            ("scope", scope, S.SCOPES),
+            ("structure", structure, S.STRUCTURES),
+            ("criterion", criterion, S.CRITERIA),
+        ):
+            if value not in valid:
+                raise ValueError(f"{name}={value!r} is not known; valid: {', '.join(map(repr, valid))}")
+        if norm not in (1, 2):
+            raise ValueError(f"norm={norm} is not supported; valid: 1 (L1), 2 (L2)")
+        if margin < 0:
+            raise ValueError(f"margin={margin} must be >= 0")
+        if obd_batches < 1:
+            raise ValueError(f"obd_batches={obd_batches} must be >= 1")
+        if rewind_epoch is not None and not 0 <= rewind_epoch <= start_epoch:
+            raise ValueError(f"rewind_epoch={rewind_epoch} must be in [0, start_epoch={start_epoch}]")
+        # The schedule validates sparsity, epochs and frequency with the argument names users wrote.
+        self.schedule = PruningSchedule(schedule, final, start_epoch, end_epoch, initial_sparsity, frequency)
+        self.sparsity = dict(sparsity) if isinstance(sparsity, dict) else final
+        self.rehabilitation = rehabilitation
+        self.margin = margin
+        self.scope = scope
+        self.structure = structure
+        self.criterion = criterion
+        self.norm = norm
+        self.obd_batches = obd_batches
+        self.targets = list(targets) if targets is not None else None
+        self.rewind_epoch = rewind_epoch
+        self.make_permanent = make_permanent
+        self.log_layers = log_layers
+        # Progress, checkpointed in state_dict(): replayed on resume, never recomputed.
+        self.last_update_step: int | None = None
+        self.current_target: float | None = None
+        self.history: list[tuple[int, float]] = []
+        self.rewind_saved = False
+        self.obd_count = 0
+        # Built in setup from the arguments alone. Layers are looked up by name at each use: a module
+        # may be replaced after setup (a checkpoint of a filter-pruned model resizes its layers).
+        self._root: nn.Module | None = None
+        self._names: list[str] = []
+        self._groups: dict[str, Any] = {}
+        self._bn_hooks: list = []
+
+    @property
+    def _layers(self) -> dict[str, nn.Module]:
+        return {name: self._root.get_submodule(name) for name in self._names} if self._root is not None else {}
+
+    # ------------------------------------------------------------------ structure (setup)
+
+    def _candidates(self, model: nn.Module) -> list[str]:
+        if self.structure == "unstructured":
+            names = resolve_targets(model, self.targets, M.is_prunable, "Conv/Linear layer")
+        else:
+            from ..methods.pruning.channels import find_channel_groups, unsupported_convs
+
+            self._groups = find_channel_groups(model)
+            refused = unsupported_convs(model)
+            is_conv = lambda m: isinstance(m, nn.Conv2d)  # noqa: E731
+            names = resolve_targets(model, self.targets, is_conv, "Conv2d layer")
+            bad = {n: refused.get(n, "not a removable filter group") for n in names if n not in self._groups}
+            if bad and self.targets is not None:
+                detail = "; ".join(f"{n}: {why}" for n, why in list(bad.items())[:6])
+                raise ValueError(f"structure='filter' cannot remove the channels of targets {sorted(bad)}: {detail}")
+            names = [n for n in names if n in self._groups]
+            if not names:
+                detail = "; ".join(f"{n}: {why}" for n, why in list(refused.items())[:6])
+                raise ValueError(
+                    f"structure='filter' found no convolution whose channels can be removed ({detail}). "
+                    "Use structure='unstructured' for this model."
+                )
+        if isinstance(self.sparsity, dict):
+            names = [n for n in names if first_match(n, self.sparsity) is not None]
+            if not names:
+                raise ValueError(f"sparsity globs {list(self.sparsity)!r} match none of the targeted layers")
+        return names
+
+    def layer_sparsity(self, name: str, target: float) -> float:
+        """A layer's share of the schedule: per-layer dicts scale with the schedule's progress."""
+        if not isinstance(self.sparsity, dict):
+            return target
+        final = float(self.sparsity[first_match(name, self.sparsity)])
+        return final * target / self.schedule.final if self.schedule.final else 0.0
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        model = compressible_root(pl_module)
+        names = self._candidates(model)
+        modules = dict(model.named_modules())
+        for name in names:
+            M.add_mask(modules[name], straight_through=self.rehabilitation)
+        self._root, self._names = model, names
+        for layer in self._layers.values():
+            # Registered now, before weights load, so that a checkpoint's values fill them.
+            if self.rewind_epoch is not None and "weight_rewind" not in layer._buffers:
+                layer.register_buffer("weight_rewind", torch.zeros_like(layer.weight))
+            if self.criterion == "obd" and "weight_grad_sq" not in layer._buffers:
+                layer.register_buffer("weight_grad_sq", torch.zeros_like(layer.weight, dtype=torch.float32))
+        if self.structure == "filter" and not self._bn_hooks:
+            for name in names:
+                norm = self._groups[name].norm
+                after = modules[norm] if norm else modules[name]
+                self._bn_hooks.append(after.register_forward_hook(_zero_pruned_channels(model, name)))
+
+    # ------------------------------------------------------------------ schedule (training)
+
+    @staticmethod
+    def _steps_per_epoch(trainer: pl.Trainer) -> int:
+        batches = trainer.num_training_batches
+        if not math.isfinite(batches):
+            raise ValueError("IterativePruning needs a training DataLoader with a length (the schedule counts steps)")
+        return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.rewind_epoch is not None and not self.rewind_saved and trainer.current_epoch >= self.rewind_epoch:
+            with torch.no_grad():
+                for layer in self._layers.values():
+                    layer.weight_rewind.copy_(layer.weight)
+            self.rewind_saved = True
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        target = self.schedule.target(step, self._steps_per_epoch(trainer))
+        if target is None:
+            return
+        due = (
+            self.last_update_step is None
+            or target != self.current_target
+            or (self.rehabilitation and step - self.last_update_step >= self.schedule.frequency)
+        )
+        if not due:
+            return
+        if self.criterion == "obd" and self.obd_count < self.obd_batches:
+            return  # not enough squared gradients yet: the update waits for them
+        self.update_masks(target, trainer)
+        self.last_update_step = step
+        self.current_target = target
+        sparsity = self.sparsity_now()
+        self.history.append((step, sparsity))
+        pl_module.log("pruning/sparsity", sparsity, on_step=True, on_epoch=False, sync_dist=False)
+        pl_module.log("pruning/target", target, on_step=True, on_epoch=False, sync_dist=False)
+        if self.log_layers:
+            for name, layer in self._layers.items():
+                pl_module.log(f"pruning/sparsity/{name}", _layer_sparsity(layer), on_step=True, on_epoch=False)
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        if self.criterion != "obd":
+            return
+        if self.schedule.target(trainer.global_step + self.obd_batches, self._steps_per_epoch(trainer)) is None:
+            return  # the first update is further away than the gradients it will average
+        with torch.no_grad():
+            for layer in self._layers.values():
+                if layer.weight.grad is not None:
+                    layer.weight_grad_sq.add_(layer.weight.grad.float().square())
+        self.obd_count += 1
+
+    @torch.no_grad()
+    def update_masks(self, target: float, trainer: pl.Trainer | None = None) -> None:
+        """Recompute every mask for sparsity ``target`` from the current (dense) weights."""
+        scores = {}
+        for name, layer in self._layers.items():
+            hessian = layer.weight_grad_sq / max(1, self.obd_count) if self.criterion == "obd" else None
+            score = S.weight_scores(layer.weight, self.criterion, hessian)
+            if self.structure == "filter":
+                score = S.filter_scores(score, layer.weight, self.criterion, self.norm)
+                if self.scope == "global":  # filters of different fan-in: compare per-weight means
+                    score = score / layer.weight[0].numel()
+                kept = layer.weight_mask.flatten(1).any(1) if self.last_update_step is not None else None
+            else:
+                kept = layer.weight_mask if self.last_update_step is not None else None
+            scores[name] = S.with_hysteresis(score, kept, self.margin if self.rehabilitation else 0.0)
+        if self.scope == "global":
+            keep = S.global_keep(scores, target)
+        else:
+            keep = S.layer_keep(scores, {name: self.layer_sparsity(name, target) for name in scores})
+        for name, layer in self._layers.items():
+            mask = S.expand_filter_mask(keep[name], layer.weight) if self.structure == "filter" else keep[name]
+            M.set_mask(layer, mask, zero_pruned=not self.rehabilitation)
+        M.broadcast_masks(self._layers.values())
+        if not self.rehabilitation:
+            if trainer is not None:
+                for optimizer in trainer.optimizers:
+                    M.clear_pruned_optimizer_state(optimizer, self._layers.values())
+            for layer in self._layers.values():  # a broadcast may have changed a mask: re-zero
+                layer.weight.masked_fill_(~layer.weight_mask, 0)
+        if self.rewind_saved:
+            for layer in self._layers.values():
+                layer.weight.copy_(torch.where(layer.weight_mask, layer.weight_rewind, torch.zeros_like(layer.weight)))
+        if self.criterion == "obd":
+            for layer in self._layers.values():
+                layer.weight_grad_sq.zero_()
+            self.obd_count = 0
+
+    def sparsity_now(self) -> float:
+        """Fraction of the targeted weights that are masked now."""
+        total = sum(layer.weight_mask.numel() for layer in self._layers.values())
+        kept = sum(int(layer.weight_mask.sum()) for layer in self._layers.values())
+        return 1.0 - kept / total if total else 0.0
+
+    # ------------------------------------------------------------------ end of fit
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.make_permanent:
+            return
+        self.finalize(pl_module)
+        if self.history:
+            rank_zero_info(f"IterativePruning: masks folded into the weights at sparsity {self.history[-1][1]:.4f}")
+        else:
+            rank_zero_info("IterativePruning: the schedule never started; nothing was pruned")
+
+    def finalize(self, pl_module: nn.Module) -> None:
+        """Fold masks into weights and drop pruning buffers; for filters, remove the channels."""
+        model = compressible_root(pl_module)
+        for handle in self._bn_hooks:
+            handle.remove()
+        self._bn_hooks = []
+        layers = {name: layer for name, layer in self._layers.items() if M.is_masked(layer)}
+        channel_keep = {}
+        if self.structure == "filter":
+            channel_keep = {name: layer.weight_mask.flatten(1).any(1).clone() for name, layer in layers.items()}
+        for layer in layers.values():
+            for buffer in ("weight_rewind", "weight_grad_sq"):
+                layer._buffers.pop(buffer, None)
+            M.remove_mask(layer, fold=True)
+        if channel_keep and not all(bool(k.all()) for k in channel_keep.values()):
+            from ..methods.pruning.channels import remove_channels
+
+            remove_channels(model, channel_keep)
+        self._root, self._names = None, []
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # validate / test rebuilt the masks in setup so that a mid-schedule checkpoint loads;
+        # leave the model as fit leaves it.
+        if stage != "fit" and self.make_permanent and self._root is not None:
+            self.finalize(pl_module)
+
+    # ------------------------------------------------------------------ checkpoint
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "last_update_step": self.last_update_step,
+            "current_target": self.current_target,
+            "history": [list(h) for h in self.history],
+            "rewind_saved": self.rewind_saved,
+            "obd_count": self.obd_count,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_update_step = state_dict["last_update_step"]
+        self.current_target = state_dict["current_target"]
+        self.history = [tuple(h) for h in state_dict["history"]]
+        self.rewind_saved = state_dict["rewind_saved"]
+        self.obd_count = state_dict["obd_count"]
+
+
+def _layer_sparsity(layer: nn.Module) -> float:
+    return 1.0 - float(layer.weight_mask.float().mean())
+
+
+def _zero_pruned_channels(root: nn.Module, conv_name: str):
+    """Forward hook: zero the output channels whose filter is pruned (after their BatchNorm).
+
+    Without it a BatchNorm turns an all-zero channel into its bias beta, which the next layer learns
+    to use, and removing the channel at the end would change the network's output.
+    """
+
+    def hook(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+        conv = root.get_submodule(conv_name)
+        if not M.is_masked(conv):
+            return output
+        alive = conv.weight_mask.flatten(1).any(1)
+        return output * alive.view(1, -1, *([1] * (output.ndim - 2))).to(output.dtype)
+
+    return hook

@@ -1,0 +1,41 @@
+"""Resolve module-name globs (``targets``) against a model: shared by every compression callback."""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+from typing import Callable, Iterable
+
+from torch import nn
+
+
+def compressible_root(pl_module: nn.Module) -> nn.Module:
+    """The network a callback works on: ``pl_module.model`` when there is one (ImageClassifier), else the module.
+
+    Globs are relative to it, so ``"features.*"`` reads as in the model definition.
+    """
+    inner = getattr(pl_module, "model", None)
+    return inner if isinstance(inner, nn.Module) else pl_module
+
+
+def resolve_targets(
+    model: nn.Module, targets: Iterable[str] | None, accept: Callable[[nn.Module], bool], what: str
+) -> list[str]:
+    """Names of the modules that ``accept`` takes and, given ``targets``, that match one of its globs.
+
+    Raises a ValueError naming the globs that match nothing, with the names that would have matched.
+    """
+    candidates = [name for name, module in model.named_modules() if name and accept(module)]
+    if targets is None:
+        if not candidates:
+            raise ValueError(f"the model has no {what}")
+        return candidates
+    targets = list(targets)
+    unmatched = [glob for glob in targets if not any(fnmatchcase(name, glob) for name in candidates)]
+    if unmatched:
+        shown = ", ".join(candidates[:12]) + (", ..." if len(candidates) > 12 else "")
+        raise ValueError(f"targets={unmatched!r} match no {what}; candidates are: {shown}")
+    return [name for name in candidates if any(fnmatchcase(name, glob) for glob in targets)]
+
+
+def first_match(name: str, globs: Iterable[str]) -> str | None:
+    return next((glob for glob in globs if fnmatchcase(name, glob)), None)

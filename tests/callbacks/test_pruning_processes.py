@@ -1,0 +1,46 @@
+"""Resume in a new process, and DDP on two CPU processes: both run the pruning script as subprocesses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(*args: str) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    subprocess.run([sys.executable, "-m", "tests.scripts.prune_digits", *args], check=True, cwd=ROOT, env=env,
+                   timeout=600)
+
+
+@pytest.mark.parametrize("rehabilitation", [False, True])
+def test_resume_mid_schedule_in_a_new_process_matches_uninterrupted(tmp_path, rehabilitation):
+    flag = ["--rehabilitation"] if rehabilitation else []
+    _run(str(tmp_path / "full"), "--save-every-epoch", *flag)
+    ckpt = tmp_path / "full" / "ckpt" / "epoch=1.ckpt"
+    saved = torch.load(ckpt, weights_only=True)
+    assert any(k.endswith("weight_mask") for k in saved["state_dict"])  # masks travel in the checkpoint
+    _run(str(tmp_path / "resumed"), "--resume", str(ckpt), *flag)
+    full = torch.load(tmp_path / "full" / "rank0.pt", weights_only=False)
+    resumed = torch.load(tmp_path / "resumed" / "rank0.pt", weights_only=False)
+    assert full["history"] == resumed["history"]
+    for key, value in full["state"].items():
+        assert torch.equal(value, resumed["state"][key]), key
+
+
+def test_ddp_two_processes_share_identical_masks(tmp_path):
+    _run(str(tmp_path), "--devices", "2", "--epochs", "2")
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    masks = [k for k in rank0["state"] if k.endswith("weight_mask")]
+    assert masks
+    for key in masks:
+        assert torch.equal(rank0["state"][key], rank1["state"][key]), key
+    assert rank0["history"] == rank1["history"]
+    assert rank0["history"][-1][1] > 0.5

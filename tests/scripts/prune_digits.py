@@ -1,0 +1,59 @@
+"""Train digits_cnn with IterativePruning; run as a script so tests can use fresh processes and DDP.
+
+    python -m tests.scripts.prune_digits OUT_DIR [--epochs N] [--resume CKPT] [--devices N] [--save-every-epoch]
+
+Writes OUT_DIR/rank<r>.pt with the masks, the callback's history and the final weights of that rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_compress import DigitsDataModule, ImageClassifier, IterativePruning
+
+
+class SaveOutcome(pl.Callback):
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_train_end(self, trainer, pl_module):  # before IterativePruning folds the masks (on_fit_end)
+        state = {k: v.detach().cpu().clone() for k, v in pl_module.model.state_dict().items()}
+        pruning = next(c for c in trainer.callbacks if isinstance(c, IterativePruning))
+        torch.save({"state": state, "history": pruning.history}, self.out / f"rank{trainer.global_rank}.pt")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--resume", default=None)
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--save-every-epoch", action="store_true")
+    parser.add_argument("--rehabilitation", action="store_true")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    pl.seed_everything(0)
+    pruning = IterativePruning(
+        sparsity=0.8, schedule="agp", start_epoch=0, end_epoch=3, frequency=3, scope="global",
+        rehabilitation=args.rehabilitation, criterion="magnitude",
+    )
+    callbacks = [pruning, SaveOutcome(args.out)]
+    if args.save_every_epoch:
+        callbacks.append(ModelCheckpoint(dirpath=args.out / "ckpt", filename="{epoch}", save_top_k=-1))
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
+        max_epochs=args.epochs, callbacks=callbacks, logger=False, enable_checkpointing=args.save_every_epoch,
+        enable_progress_bar=False, enable_model_summary=False, deterministic=True, num_sanity_val_steps=0,
+    )
+    module = ImageClassifier("digits_cnn", optimizer="sgd", lr=0.05, weight_decay=5e-4)
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=32), ckpt_path=args.resume)
+
+
+if __name__ == "__main__":
+    main()
