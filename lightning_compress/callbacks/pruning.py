@@ -8,7 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -169,7 +169,13 @@ class IterativePruning(Callback):
             if bad and self.targets is not None:
                 detail = "; ".join(f"{n}: {why}" for n, why in list(bad.items())[:6])
                 raise ValueError(f"structure='filter' cannot remove the channels of targets {sorted(bad)}: {detail}")
+            skipped = [n for n in names if n not in self._groups]
             names = [n for n in names if n in self._groups]
+            if skipped and names:
+                rank_zero_warn(
+                    f"structure='filter' prunes {len(names)} convolutions and leaves {len(skipped)} whose channels are "
+                    f"coupled to other layers (e.g. {skipped[0]}: {refused.get(skipped[0], 'not removable')})"
+                )
             if not names:
                 detail = "; ".join(f"{n}: {why}" for n, why in list(refused.items())[:6])
                 raise ValueError(

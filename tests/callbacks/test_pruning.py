@@ -250,3 +250,11 @@ def test_compressed_checkpoints_start_new_runs(tmp_path):
     with torch.no_grad():
         assert torch.equal(small.model.eval()(x), other.model.eval()(x))
         assert torch.equal(small.model(x), fresh.model.eval()(x))
+
+
+def test_filter_pruning_on_mobilenet_warns_about_coupled_convolutions():
+    module = ImageClassifier("mobilenet_v2")
+    pruning = IterativePruning(sparsity=0.5, structure="filter")
+    with pytest.warns(UserWarning, match="leaves .* whose channels are coupled"):
+        pruning.setup(None, module, "fit")
+    assert 0 < len(pruning._names) < 10
