@@ -201,7 +201,9 @@ class IterativePruning(Callback):
         names = self._candidates(model)
         modules = dict(model.named_modules())
         for name in names:
-            M.add_mask(modules[name], straight_through=self.rehabilitation)
+            # Without rehabilitation pruned weights are exact zeros, so the forward can stay dense and
+            # only gradients are masked (on_before_optimizer_step): cheaper than masking the weight.
+            M.add_mask(modules[name], straight_through=self.rehabilitation, mask_in_forward=False)
         self._root, self._names = model, names
         for layer in self._layers.values():
             # Registered now, before weights load, so that a checkpoint's values fill them.
@@ -260,6 +262,8 @@ class IterativePruning(Callback):
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        if not self.rehabilitation:
+            M.mask_gradients(self._layers.values())
         if self.criterion != "obd":
             return
         if self.schedule.target(trainer.global_step + self.obd_batches, self._steps_per_epoch(trainer)) is None:

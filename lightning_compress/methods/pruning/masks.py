@@ -6,14 +6,19 @@ buffer ``weight_mask``. The state dict keeps ``weight`` and ``bias`` and gains `
 is why a checkpoint saved mid-schedule resumes with its masks: ``torch.nn.utils.prune`` renames the
 weight to ``weight_orig`` instead, and Lightning's ``ModelPruning`` folds its masks away on save.
 
-The forward multiplies the weight by its mask, in one of two ways:
+The forward applies the mask in one of three ways:
 
-* ``straight_through=False``: autograd masks the gradient too, so a pruned weight that is exactly zero
-  stays zero under SGD momentum, weight decay and Adam, provided the optimizer state of pruned entries
-  is cleared when they are pruned (:func:`clear_pruned_optimizer_state`).
+* ``straight_through=False`` (default): ``where(mask, weight, 0)``; autograd masks the gradient too, so
+  a pruned weight that is exactly zero stays zero under SGD momentum, weight decay and Adam, provided
+  the optimizer state of pruned entries is cleared when they are pruned
+  (:func:`clear_pruned_optimizer_state`).
+* ``mask_in_forward=False``: the plain dense forward, for weights known to be exactly zero where
+  pruned; the training loop must then call :func:`mask_gradients` before each optimizer step. This
+  is the fast path of the pruning callback: one in-place op per layer and step instead of a masked
+  copy of the weight in the forward and another in the backward.
 * ``straight_through=True`` (Dynamic Network Surgery): the forward uses the masked weight, the
-  gradient reaches every dense weight unmasked, so a pruned weight keeps learning and can be
-  spliced back when the mask is recomputed.
+  gradient reaches every dense weight unmasked (an identity backward), so a pruned weight keeps
+  learning and can be spliced back when the mask is recomputed.
 """
 
 from __future__ import annotations
@@ -24,6 +29,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import broadcast_
+
+
+class _StraightThroughMask(torch.autograd.Function):
+    """Masked weight forward, identity backward: the gradient reaches pruned weights too."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.where(mask, weight, weight.new_zeros(()))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
 
 class _MaskedWeight:
     """Mixin of the masked layer classes; ``weight_mask`` is a bool buffer shaped like ``weight``."""
@@ -31,13 +50,15 @@ class _MaskedWeight:
     weight: nn.Parameter
     weight_mask: torch.Tensor
     straight_through: bool = False
+    mask_in_forward: bool = True
 
     def masked_weight(self) -> torch.Tensor:
         weight = self.weight
-        pruned = torch.where(self.weight_mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
         if self.straight_through:
-            return weight + (pruned - weight).detach()
-        return pruned
+            return _StraightThroughMask.apply(weight, self.weight_mask)
+        if not self.mask_in_forward:
+            return weight
+        return torch.where(self.weight_mask, weight, weight.new_zeros(()))
 
 
 class MaskedConv1d(_MaskedWeight, nn.Conv1d):
@@ -74,7 +95,7 @@ def is_prunable(module: nn.Module) -> bool:
     return type(module) in _MASKED_CLASS or is_masked(module)
 
 
-def add_mask(module: nn.Module, straight_through: bool = False) -> nn.Module:
+def add_mask(module: nn.Module, straight_through: bool = False, mask_in_forward: bool = True) -> nn.Module:
     """Give ``module`` an all-ones ``weight_mask`` buffer and a masked forward, in place; idempotent.
 
     Example:
@@ -94,6 +115,7 @@ def add_mask(module: nn.Module, straight_through: bool = False) -> nn.Module:
         # ones_like keeps the weight's memory format: a channels_last weight gets a channels_last mask.
         module.register_buffer("weight_mask", torch.ones_like(module.weight, dtype=torch.bool))
     module.straight_through = straight_through
+    module.mask_in_forward = mask_in_forward
     return module
 
 
@@ -118,8 +140,17 @@ def remove_mask(module: nn.Module, fold: bool = True) -> nn.Module:
             module.weight.masked_fill_(~module.weight_mask, 0)
     del module._buffers["weight_mask"]
     module.__dict__.pop("straight_through", None)
+    module.__dict__.pop("mask_in_forward", None)
     module.__class__ = _DENSE_CLASS[type(module)]
     return module
+
+
+@torch.no_grad()
+def mask_gradients(modules: Iterable[nn.Module]) -> None:
+    """Zero the gradient of pruned weights (the companion of ``mask_in_forward=False``)."""
+    for module in modules:
+        if module.weight.grad is not None:
+            module.weight.grad.masked_fill_(~module.weight_mask, 0)
 
 
 @torch.no_grad()
@@ -143,20 +174,6 @@ def masked_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def broadcast_masks(modules: Iterable[nn.Module], src: int = 0) -> None:
-    """Make every process's masks equal to those of rank ``src`` (no-op outside torch.distributed).
-
-    Buffers that change after DDP wrapped the model are not re-broadcast by DDP, and a tie in a
-    ``topk`` could in principle resolve differently on two devices; one broadcast per mask update
-    rules that out.
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
+    """Make every process's masks equal to those of rank ``src`` (no-op outside torch.distributed)."""
     for module in modules:
-        mask = module.weight_mask
-        # bool is not a collective dtype everywhere; uint8 has the same size and is.
-        payload = mask.contiguous().view(torch.uint8)
-        dist.broadcast(payload, src=src)
-        if payload.data_ptr() != mask.data_ptr():
-            mask.copy_(payload.view(torch.bool))
+        broadcast_(module.weight_mask, src)
