@@ -3,9 +3,10 @@
 The techniques arrive one by one; what is importable here is what is implemented.
 """
 
-from .callbacks import CompressionReport, IterativePruning
+from .callbacks import CompressionReport, IterativePruning, WeightSharing
 from .data import CIFAR10DataModule, DigitsDataModule
 from .methods import compression_report
+from .methods.sharing.packed import load_compressed, save_compressed
 from .models import create_model, list_models
 from .module import ImageClassifier
 
@@ -17,7 +18,10 @@ __all__ = [
     "DigitsDataModule",
     "ImageClassifier",
     "IterativePruning",
+    "WeightSharing",
     "compression_report",
     "create_model",
     "list_models",
+    "load_compressed",
+    "save_compressed",
 ]

@@ -2,5 +2,6 @@
 
 from .pruning import IterativePruning
 from .report import CompressionReport
+from .sharing import WeightSharing
 
-__all__ = ["CompressionReport", "IterativePruning"]
+__all__ = ["CompressionReport", "IterativePruning", "WeightSharing"]

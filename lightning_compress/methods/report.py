@@ -9,6 +9,11 @@ visible to it in one of two ways:
 * a method ``compression_stats(self) -> dict`` on the layer, returning any of ``nonzeros``, ``bits``,
   ``compressed_bytes``, ``index_bits`` and ``note``, which override what the report would infer.
 
+Shared weights (a codebook) are seen either way they exist: while training, by the buffers
+``weight_code`` / ``weight_codebook``; after they were folded into a plain layer, by the weight holding
+few distinct non-zero values (at most 2^16, and at most one per 8 non-zeros, which trained fp32
+weights never do). Each weight then costs ``ceil(log2(#centroids))`` bits plus one fp32 per centroid.
+
 Bytes: ``dense_bytes`` is every parameter in fp32. ``compressed_bytes`` stores each Conv / Linear weight
 at its bits, densely or, when cheaper, as non-zeros each with a relative index of ``index_bits``
 (8 for convolutions, 5 for linear layers, as in Deep Compression); other parameters (biases,
@@ -19,6 +24,7 @@ normalisation) stay fp32. It is an estimate of the storage format; the packed ar
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -162,17 +168,36 @@ def _as_float(value: Any) -> float:
     return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
 
 
+def _codebook_size(module: nn.Module, effective: torch.Tensor, nonzeros: int) -> int | None:
+    """Number of shared values of a layer's weight, or None when it is not shared."""
+    code = module._buffers.get("weight_code")
+    if code is not None and bool((code >= 0).any()):
+        return module.weight_codebook.numel()
+    if nonzeros < 8 * 2:
+        return None
+    values = effective[effective != 0]
+    distinct = int(torch.unique(values).numel())
+    return distinct if distinct <= 2**16 and distinct * 8 <= nonzeros else None
+
+
 def _weight_stats(name: str, module: nn.Module) -> LayerStats:
     weight = module.weight.detach()
     mask = getattr(module, "weight_mask", None)
     effective = weight if mask is None else weight * (mask != 0).to(weight.dtype)
     kind = type(module).__name__
+    nonzeros = int(torch.count_nonzero(effective))
     stats: dict[str, Any] = {
-        "nonzeros": int(torch.count_nonzero(effective)),
+        "nonzeros": nonzeros,
         "bits": _as_float(getattr(module, "weight_bits", 32)),
         "index_bits": _INDEX_BITS.get(kind, _DEFAULT_INDEX_BITS),
         "note": "",
     }
+    codebook_bytes = 0.0
+    shared = _codebook_size(module, effective, nonzeros) if not hasattr(module, "weight_bits") else None
+    if shared is not None:
+        stats["bits"] = float(max(1, math.ceil(math.log2(shared))))
+        stats["note"] = f"shared, {shared} values"
+        codebook_bytes = 4.0 * shared
     custom = getattr(module, "compression_stats", None)
     if callable(custom):
         stats.update(custom())
@@ -181,7 +206,7 @@ def _weight_stats(name: str, module: nn.Module) -> LayerStats:
     if "compressed_bytes" not in stats:
         dense_bits = numel * stats["bits"]
         sparse_bits = stats["nonzeros"] * (stats["bits"] + stats["index_bits"])
-        stats["compressed_bytes"] = min(dense_bits, sparse_bits) / 8 + 4 * others
+        stats["compressed_bytes"] = min(dense_bits, sparse_bits) / 8 + 4 * others + codebook_bytes
     return LayerStats(
         name=name,
         kind=kind,

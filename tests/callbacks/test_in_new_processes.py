@@ -1,4 +1,4 @@
-"""Resume in a new process, and DDP on two CPU processes: both run the pruning script as subprocesses."""
+"""Resume in a new process, and DDP on two CPU processes: both run the compression script as subprocesses."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _run(*args: str) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    subprocess.run([sys.executable, "-m", "tests.scripts.prune_digits", *args], check=True, cwd=ROOT, env=env,
+    subprocess.run([sys.executable, "-m", "tests.scripts.compress_digits", *args], check=True, cwd=ROOT, env=env,
                    timeout=600)
 
 
@@ -44,3 +44,25 @@ def test_ddp_two_processes_share_identical_masks(tmp_path):
         assert torch.equal(rank0["state"][key], rank1["state"][key]), key
     assert rank0["history"] == rank1["history"]
     assert rank0["history"][-1][1] > 0.5
+
+
+def test_sharing_resumes_after_clustering_in_a_new_process(tmp_path):
+    _run(str(tmp_path / "full"), "--method", "share", "--save-every-epoch")
+    ckpt = tmp_path / "full" / "ckpt" / "epoch=1.ckpt"  # saved after clustering at epoch 1
+    saved = torch.load(ckpt, weights_only=True)
+    assert (saved["state_dict"]["model.features.3.weight_code"] >= 0).any()
+    _run(str(tmp_path / "resumed"), "--method", "share", "--resume", str(ckpt))
+    full = torch.load(tmp_path / "full" / "rank0.pt", weights_only=False)
+    resumed = torch.load(tmp_path / "resumed" / "rank0.pt", weights_only=False)
+    for key, value in full["state"].items():
+        assert torch.equal(value, resumed["state"][key]), key
+
+
+def test_sharing_ddp_two_processes_share_identical_codebooks(tmp_path):
+    _run(str(tmp_path), "--method", "share", "--devices", "2", "--epochs", "2")
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    keys = [k for k in rank0["state"] if k.endswith(("weight_code", "weight_codebook", ".weight"))]
+    assert any(k.endswith("weight_codebook") for k in keys)
+    for key in keys:
+        assert torch.equal(rank0["state"][key], rank1["state"][key]), key

@@ -1,8 +1,10 @@
-"""Train digits_cnn with IterativePruning; run as a script so tests can use fresh processes and DDP.
+"""Train digits_cnn with a compression callback; a script, so tests can use fresh processes and DDP.
 
-    python -m tests.scripts.prune_digits OUT_DIR [--epochs N] [--resume CKPT] [--devices N] [--save-every-epoch]
+    python -m tests.scripts.compress_digits OUT_DIR [--method prune|share] [--epochs N] [--resume CKPT]
+                                                    [--devices N] [--save-every-epoch] [--rehabilitation]
 
-Writes OUT_DIR/rank<r>.pt with the masks, the callback's history and the final weights of that rank.
+Writes OUT_DIR/rank<r>.pt with the state dict before fit-end finalization (masks, codebooks) and the
+callback's state, for that rank.
 """
 
 from __future__ import annotations
@@ -14,17 +16,18 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_compress import DigitsDataModule, ImageClassifier, IterativePruning
+from lightning_compress import DigitsDataModule, ImageClassifier, IterativePruning, WeightSharing
 
 
 class SaveOutcome(pl.Callback):
     def __init__(self, out: Path) -> None:
         self.out = out
 
-    def on_train_end(self, trainer, pl_module):  # before IterativePruning folds the masks (on_fit_end)
+    def on_train_end(self, trainer, pl_module):  # before the callbacks finalize (on_fit_end)
         state = {k: v.detach().cpu().clone() for k, v in pl_module.model.state_dict().items()}
-        pruning = next(c for c in trainer.callbacks if isinstance(c, IterativePruning))
-        torch.save({"state": state, "history": pruning.history}, self.out / f"rank{trainer.global_rank}.pt")
+        method = next(c for c in trainer.callbacks if isinstance(c, (IterativePruning, WeightSharing)))
+        history = method.history if isinstance(method, IterativePruning) else method.clustered
+        torch.save({"state": state, "history": history}, self.out / f"rank{trainer.global_rank}.pt")
 
 
 def main() -> None:
@@ -35,15 +38,19 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--save-every-epoch", action="store_true")
     parser.add_argument("--rehabilitation", action="store_true")
+    parser.add_argument("--method", choices=["prune", "share"], default="prune")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
     pl.seed_everything(0)
-    pruning = IterativePruning(
-        sparsity=0.8, schedule="agp", start_epoch=0, end_epoch=3, frequency=3, scope="global",
-        rehabilitation=args.rehabilitation, criterion="magnitude",
-    )
-    callbacks = [pruning, SaveOutcome(args.out)]
+    if args.method == "prune":
+        method = IterativePruning(
+            sparsity=0.8, schedule="agp", start_epoch=0, end_epoch=3, frequency=3, scope="global",
+            rehabilitation=args.rehabilitation, criterion="magnitude",
+        )
+    else:
+        method = WeightSharing(bits=3, epoch=1)
+    callbacks = [method, SaveOutcome(args.out)]
     if args.save_every_epoch:
         callbacks.append(ModelCheckpoint(dirpath=args.out / "ckpt", filename="{epoch}", save_top_k=-1))
     trainer = pl.Trainer(

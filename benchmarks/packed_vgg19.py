@@ -1,0 +1,122 @@
+"""Time the packed artifact on VGG19-BN: 95% magnitude pruning, 32 shared values per layer.
+
+Every Conv / Linear weight keeps its 5% largest magnitudes and each kept weight is replaced by the
+nearest of 32 levels, quantiles of the layer's kept weights (a stand-in for k-means sharing: the
+file's size depends on how many distinct values there are and how often each occurs, not on how
+they were found). Measured, each the best of ``--repeats``: ``save_compressed`` and
+``load_compressed``, Huffman encode and decode of 20M symbols drawn from a geometric distribution
+(p = 0.25, clipped to 256 symbols); with the file size and its ratio to ``torch.save`` of the fp32
+state dict. Written to ``benchmarks/results/packed_vgg19.json``.
+
+    python -m benchmarks.packed_vgg19
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from lightning_compress.methods.sharing.encoding import huffman_decode, huffman_encode
+from lightning_compress.methods.sharing.packed import load_compressed, save_compressed
+from lightning_compress.models import create_model
+
+RESULTS = Path(__file__).parent / "results"
+
+
+@torch.no_grad()
+def prune_and_share(model: nn.Module, sparsity: float = 0.95, levels: int = 32) -> None:
+    """Keep the largest (1 - sparsity) magnitudes of every Conv / Linear weight, snap them to levels.
+
+    The levels are quantiles of the kept weights (k-means' density initialisation), so all 32 are
+    used; pruned weights become +0.0 (``torch.where``, not a multiplication, which would give -0.0).
+    """
+    for module in model.modules():
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            continue
+        weight = module.weight
+        keep = max(1, round(weight.numel() * (1.0 - sparsity)))
+        threshold = weight.abs().flatten().kthvalue(weight.numel() - keep + 1).values
+        kept = weight.abs() >= threshold
+        grid = torch.quantile(weight[kept], torch.linspace(0, 1, levels), interpolation="nearest")
+        nearest = grid[torch.bucketize(weight[kept], (grid[1:] + grid[:-1]) / 2)]
+        weight.copy_(torch.zeros_like(weight).masked_scatter_(kept, nearest))
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """Bit patterns of a floating tensor (so -0.0 differs from +0.0); other tensors as they are."""
+    return tensor.view(torch.int32) if tensor.dtype == torch.float32 else tensor
+
+
+def best_of(repeats: int, fn) -> tuple[float, object]:
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return min(times), result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--symbols", type=int, default=20_000_000)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    model = create_model("vgg19_bn").eval()
+    prune_and_share(model)
+    reference = {key: value.clone() for key, value in model.state_dict().items()}
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    torch_save_bytes = buffer.getbuffer().nbytes
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "vgg19_bn.lcpk"
+        save_s, summary = best_of(args.repeats, lambda: save_compressed(model, path))
+        load_s, state = best_of(args.repeats, lambda: load_compressed(path))
+        file_bytes = path.stat().st_size
+    exact = all(torch.equal(_bits(state[key]), _bits(value)) for key, value in reference.items())
+
+    rng = np.random.default_rng(0)
+    symbols = (rng.geometric(0.25, args.symbols) - 1).clip(max=255).astype(np.uint16)
+    encode_s, stream = best_of(args.repeats, lambda: huffman_encode(symbols))
+    decode_s, decoded = best_of(args.repeats, lambda: huffman_decode(stream))
+
+    result = {
+        "device": f"CPU, {torch.get_num_threads()} torch threads ({platform.machine()})",
+        "model": "vgg19_bn",
+        "sparsity": 0.95,
+        "levels_per_layer": 32,
+        "params": sum(p.numel() for p in model.parameters()),
+        "save_compressed_s": round(save_s, 3),
+        "load_compressed_s": round(load_s, 3),
+        "round_trip_bit_exact": exact,
+        "file_bytes": file_bytes,
+        "torch_save_bytes": torch_save_bytes,
+        "ratio_vs_torch_save": round(torch_save_bytes / file_bytes, 2),
+        "stages_bytes": summary.stages(),
+        "weight_nonzeros": sum(layer.nonzeros for layer in summary.layers),
+        "file_bits_per_nonzero": round(8 * file_bytes / sum(layer.nonzeros for layer in summary.layers), 2),
+        "manifest_bytes": summary.manifest_bytes,
+        "huffman_symbols": args.symbols,
+        "huffman_bits_per_symbol": round(stream.bits_per_symbol, 4),
+        "huffman_encode_s": round(encode_s, 3),
+        "huffman_decode_s": round(decode_s, 3),
+        "huffman_round_trip_exact": bool(np.array_equal(decoded, symbols)),
+    }
+    print(json.dumps(result, indent=2))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "packed_vgg19.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

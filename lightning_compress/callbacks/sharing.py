@@ -1,0 +1,216 @@
+"""WeightSharing: k-means codebooks (Deep Compression) at an epoch or at fit end, centroid fine-tuning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from rich.console import Console
+from rich.progress import Progress
+from torch import nn
+from typing_extensions import override
+
+from ..methods.distributed import broadcast_
+from ..methods.pruning import masks as M
+from ..methods.sharing import codebook as C
+from ..methods.sharing.kmeans import INITS
+from .targets import compressible_root, first_match, resolve_targets
+
+
+class WeightSharing(Callback):
+    """Share each layer's weights through a codebook of 2^bits centroids found by 1-D k-means.
+
+    Pruned weights (exact zeros, or masked by :class:`IterativePruning`) stay zero and take no
+    centroid. After clustering, the centroids are fine-tuned for the rest of ``fit`` (Han et al. 2016:
+    each centroid's gradient is the sum of its members' gradients, the assignments fixed): the
+    weights keep holding exactly their centroid's value, so the optimizer, DDP and checkpoints see
+    ordinary weights plus two buffers, ``weight_code`` (int32 per weight, -1 where pruned) and
+    ``weight_codebook``. At fit end the buffers are dropped (the state dict loads into the original
+    architecture) and, with ``export``, the packed file is written.
+
+    Args:
+        bits: bits per code, 1..16: an int, or ``{glob: bits}`` per layer (first match wins; e.g.
+            ``{"features.*": 8, "classifier": 5}`` as the paper's conv 8 / fc 5). Layers matching no glob
+            are not shared.
+        init: centroid initialisation: ``"linear"`` (even over [min, max]: keeps the rare large
+            weights, Han et al.'s best), ``"density"`` (even over the CDF) or ``"random"``.
+        epoch: cluster at the start of this epoch and fine-tune the centroids afterwards; None
+            clusters once at fit end (no fine-tuning).
+        finetune: train the centroids after clustering; False freezes the shared weights.
+        export: path of the packed artifact (``save_compressed``) written at fit end on rank 0.
+        targets: module-name globs; default every Conv / Linear layer.
+        iters: k-means iterations (it usually converges well before).
+
+    The centroid gradient is a sum over possibly thousands of members: with SGD, fine-tune with a
+    learning rate well below the training one (or use Adam, which is insensitive to that scale).
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_compress import DigitsDataModule, ImageClassifier, WeightSharing
+        >>> sharing = WeightSharing(bits=4, epoch=1)
+        >>> trainer = pl.Trainer(max_epochs=2, callbacks=[sharing], logger=False, enable_checkpointing=False,
+        ...                      enable_progress_bar=False, enable_model_summary=False)
+        >>> module = ImageClassifier("digits_cnn", optimizer="adamw", lr=0.01)
+        >>> trainer.fit(module, datamodule=DigitsDataModule())
+        >>> int(module.model.features[3].weight.unique().numel()) <= 16
+        True
+    """
+
+    def __init__(
+        self,
+        bits: int | dict[str, int] = 5,
+        init: str = "linear",
+        epoch: int | None = None,
+        finetune: bool = True,
+        export: str | None = None,
+        targets: list[str] | None = None,
+        iters: int = 50,
+    ) -> None:
+        for glob, value in (bits.items() if isinstance(bits, dict) else [(None, bits)]):
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 16:
+                where = f"bits[{glob!r}]" if glob is not None else "bits"
+                raise ValueError(f"{where}={value!r} must be an integer in 1..16")
+        if isinstance(bits, dict) and not bits:
+            raise ValueError("bits={} names no layer; give an int or {glob: bits}")
+        if init not in INITS:
+            raise ValueError(f"init={init!r} is not known; valid: {', '.join(map(repr, INITS))}")
+        if epoch is not None and epoch < 0:
+            raise ValueError(f"epoch={epoch} must be >= 0 or None (cluster at fit end)")
+        if iters < 1:
+            raise ValueError(f"iters={iters} must be >= 1")
+        self.bits = dict(bits) if isinstance(bits, dict) else bits
+        self.init = init
+        self.epoch = epoch
+        self.finetune = finetune
+        self.export = export
+        self.targets = list(targets) if targets is not None else None
+        self.iters = iters
+        self.clustered = False  # checkpointed
+        self.export_summary = None  # PackedSummary of the file written at fit end
+        self._root: nn.Module | None = None
+        self._names: list[str] = []
+
+    def layer_bits(self, name: str) -> int | None:
+        if isinstance(self.bits, int):
+            return self.bits
+        glob = first_match(name, self.bits)
+        return self.bits[glob] if glob is not None else None
+
+    @property
+    def _layers(self) -> dict[str, nn.Module]:
+        return {name: self._root.get_submodule(name) for name in self._names} if self._root is not None else {}
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        model = compressible_root(pl_module)
+        names = resolve_targets(model, self.targets, M.is_prunable, "Conv/Linear layer")
+        names = [n for n in names if self.layer_bits(n) is not None]
+        if not names:
+            raise ValueError(f"bits globs {list(self.bits)!r} match none of the targeted layers")
+        self._root, self._names = model, names
+        if self.epoch is not None:
+            # Before weights load, so a checkpoint saved after clustering fills them.
+            for name, layer in self._layers.items():
+                C.add_codebook_buffers(layer, self.layer_bits(name))
+
+    @torch.no_grad()
+    def cluster(self, trainer: pl.Trainer | None = None) -> None:
+        """Run k-means on every targeted layer and snap the weights to their centroids."""
+        layers = self._layers
+        quiet = (trainer is not None and trainer.global_rank != 0) or not Console().is_terminal
+        with Progress(transient=True, disable=quiet) as progress:
+            task = progress.add_task("WeightSharing: k-means", total=len(layers))
+            for name, layer in layers.items():
+                C.share_weights(layer, self.layer_bits(name), init=self.init, iters=self.iters)
+                progress.advance(task)
+        _broadcast_codes(layers.values())
+        if trainer is not None:
+            for optimizer in trainer.optimizers:
+                _reset_optimizer_state(optimizer, layers.values())
+        self.clustered = True
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.epoch is not None and not self.clustered and trainer.current_epoch >= self.epoch:
+            self.cluster(trainer)
+            rank_zero_info(f"WeightSharing: clustered {len(self._names)} layers at epoch {trainer.current_epoch}")
+
+    @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.clustered:
+            return
+        for layer in self._layers.values():
+            if self.finetune:
+                C.tie_gradients(layer)
+            elif layer.weight.grad is not None:
+                layer.weight.grad.zero_()
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if self.clustered:
+            for layer in self._layers.values():
+                C.sync_to_codebook(layer)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.clustered:
+            self.cluster(None)  # post-training sharing (epoch=None): on the CPU model, no optimizer left
+        self.finalize(pl_module)
+        if self.export:
+            self._export(trainer, pl_module)
+
+    def finalize(self, pl_module: nn.Module) -> None:
+        """Fold pruning masks (shared values are only defined where kept) and drop the sharing buffers."""
+        for layer in self._layers.values():
+            M.remove_mask(layer, fold=True)
+            C.remove_codebook_buffers(layer)
+
+    @rank_zero_only
+    def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from ..methods.sharing.packed import save_compressed
+
+        path = Path(self.export)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.export_summary = save_compressed(compressible_root(pl_module), path)
+        Console(width=None if Console().is_terminal else 160).print(self.export_summary.table(title=f"Packed file {path}"))
+        if trainer.logger is not None:
+            stages = {"dense": "fp32", "pruned": "pruned", "+ shared": "shared", "+ huffman": "huffman"}
+            metrics = {f"sharing/bytes_{stages[k]}": float(v) for k, v in self.export_summary.stages().items()}
+            metrics["sharing/file_compression_ratio"] = self.export_summary.compression_ratio
+            trainer.logger.log_metrics(metrics, step=trainer.global_step)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" and self._root is not None:
+            for layer in self._layers.values():
+                C.remove_codebook_buffers(layer)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"clustered": self.clustered}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.clustered = state_dict["clustered"]
+
+
+def _broadcast_codes(layers) -> None:
+    """Rank 0's codes and codebooks everywhere (k-means is deterministic; this rules out device ties)."""
+    for layer in layers:
+        broadcast_(layer.weight_code)
+        broadcast_(layer.weight_codebook)
+        C._write_weights(layer)
+
+
+@torch.no_grad()
+def _reset_optimizer_state(optimizer: torch.optim.Optimizer, layers) -> None:
+    """Zero per-weight optimizer state, so that the members of a cluster share one history from now on."""
+    for layer in layers:
+        for value in optimizer.state.get(layer.weight, {}).values():
+            if isinstance(value, torch.Tensor) and value.shape == layer.weight.shape:
+                value.zero_()

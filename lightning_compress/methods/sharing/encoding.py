@@ -1,0 +1,496 @@
+"""The two lossless stages of Deep Compression's storage format (Han et al. 2016), in vectorized numpy.
+
+Deep Compression stores a pruned, weight-shared layer as a stream of (gap, code) pairs: the gap is
+the distance from the previous non-zero, a small unsigned integer, and the code indexes the layer's
+codebook of shared values; both streams are then Huffman-coded, since their distributions are far
+from uniform. This module provides the two pieces, independent of PyTorch:
+
+* :func:`relative_indices` / :func:`absolute_positions`: the relative sparse index with filler
+  entries, so that every gap fits in ``index_bits`` bits.
+* :func:`huffman_encode` / :func:`huffman_decode`: canonical Huffman coding of an integer stream,
+  laid out in blocks that decode in lockstep, so that neither direction loops over symbols in
+  Python; :meth:`HuffmanStream.to_bytes` / :meth:`HuffmanStream.from_bytes` serialize a stream
+  without pickle.
+
+The filler convention
+---------------------
+Every entry of the index stream occupies one position of the flattened weight; its gap ``g`` is the
+number of positions skipped since the previous entry (the first entry counts from position -1, so a
+non-zero at position 0 has gap 0): ``position = previous + g + 1``. A gap must fit in ``b`` bits,
+``g <= M = 2**b - 1``. A non-zero that is ``s > M`` positions after the previous one is preceded by
+``s >> b`` *filler* entries, each with gap ``M`` (so each advances by ``2**b`` positions) and then
+written with gap ``s & M``. A filler stands on a position that holds zero, exactly as Deep
+Compression's "filler zero": it is written like any entry, with a value of zero. The gap stream alone
+does not say which entries are fillers (a real non-zero may have gap ``M`` too); the value stream
+does: the code of a filler is the reserved symbol ``0``, whose value is zero, and real codebook
+indices are stored as ``index + 1``. ``relative_indices(..., return_fillers=True)`` returns the
+filler flags to build that code stream; ``absolute_positions(gaps, is_filler=codes == 0)`` reverses it.
+
+The Huffman bit layout
+----------------------
+Codes are canonical (assigned in order of (length, symbol) from the table of code lengths, so the
+table alone defines the code), written most significant bit first and concatenated in symbol order;
+the bit string is packed into bytes most significant bit first (``np.packbits`` order), the last byte
+padded with zeros. Code lengths are limited to :data:`MAX_CODE_LENGTH` bits, which bounds the decode
+table at ``2**MAX_CODE_LENGTH`` entries. The stream is cut into blocks of ``block_size`` symbols and
+the bit offset of every block is kept, so that the decoder advances all blocks together: one Python
+iteration per position within a block, each decoding one symbol of every block with numpy. A stream
+whose table marks a single symbol stores no bits at all: it is that symbol repeated ``count`` times.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+MAX_CODE_LENGTH = 20
+"""Longest Huffman code, in bits: the decode table has ``2**MAX_CODE_LENGTH`` entries (5 MB at most)."""
+
+MAX_ALPHABET = 1 << MAX_CODE_LENGTH
+"""Symbols must be below this, so that every used symbol can get a code within the length limit."""
+
+MIN_BLOCK_SIZE = 256
+
+# Symbols encoded per vectorized pass: bounds the temporaries of encoding a long stream.
+_ENCODE_CHUNK = 1 << 20
+
+
+# --------------------------------------------------------------------------------------------------
+# Relative sparse indices
+# --------------------------------------------------------------------------------------------------
+
+
+def relative_indices(
+    positions: np.ndarray, numel: int, index_bits: int, *, return_fillers: bool = False
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Gaps between successive non-zeros, each fitting in ``index_bits`` bits, fillers included.
+
+    Args:
+        positions: strictly increasing positions of the non-zeros in the flattened tensor.
+        numel: the tensor's size; every position must be below it.
+        index_bits: bits per stored gap (Deep Compression: 8 for convolutions, 5 for linear layers).
+        return_fillers: also return a bool array flagging the filler entries.
+
+    Returns:
+        ``gaps`` (uint8, or uint16 above 8 bits), one per entry, and with ``return_fillers`` the
+        filler flags: ``len(gaps) == len(positions) + flags.sum()``. See the module docstring for the
+        convention.
+
+    Example:
+        >>> gaps, filler = relative_indices(np.array([1, 3, 20]), numel=24, index_bits=3, return_fillers=True)
+        >>> gaps.tolist(), filler.tolist()
+        ([1, 1, 7, 7, 0], [False, False, True, True, False])
+        >>> absolute_positions(gaps, is_filler=filler).tolist()
+        [1, 3, 20]
+    """
+    if not isinstance(index_bits, (int, np.integer)) or not 1 <= index_bits <= 16:
+        raise ValueError(f"index_bits={index_bits!r} must be an integer in [1, 16]")
+    positions = np.asarray(positions)
+    if positions.ndim != 1 or (positions.size and not np.issubdtype(positions.dtype, np.integer)):
+        raise ValueError(f"positions must be a 1-D integer array, got shape {positions.shape} {positions.dtype}")
+    positions = positions.astype(np.int64, copy=False)
+    steps = np.diff(positions, prepend=np.int64(-1))
+    if positions.size and (steps.min() < 1 or positions[-1] >= numel):
+        raise ValueError(f"positions must be strictly increasing and within [0, numel={numel})")
+
+    skipped = steps - 1
+    fillers = skipped >> index_bits
+    # Entry i of the output: fillers[i] fillers with gap M, then the non-zero with gap skipped & M.
+    real_at = np.cumsum(fillers + 1) - 1
+    total = int(real_at[-1]) + 1 if positions.size else 0
+    max_gap = (1 << index_bits) - 1
+    gaps = np.full(total, max_gap, dtype=np.uint8 if index_bits <= 8 else np.uint16)
+    gaps[real_at] = skipped & max_gap
+    if not return_fillers:
+        return gaps
+    is_filler = np.ones(total, dtype=bool)
+    is_filler[real_at] = False
+    return gaps, is_filler
+
+
+def absolute_positions(
+    gaps: np.ndarray, is_filler: np.ndarray | None = None, *, numel: int | None = None
+) -> np.ndarray:
+    """Inverse of :func:`relative_indices`: the position of every entry, or of the non-fillers only.
+
+    Args:
+        gaps: the gap stream (any non-negative integers; fillers need no special value here).
+        is_filler: flags of the filler entries (with a code stream, ``codes == 0``); their positions
+            are dropped. None: the positions of every entry, fillers included.
+        numel: when given, a ``ValueError`` if an entry falls at or beyond it.
+
+    Example:
+        >>> absolute_positions(np.array([0, 2, 7, 1], dtype=np.uint8)).tolist()
+        [0, 3, 11, 13]
+    """
+    gaps = np.asarray(gaps)
+    positions = np.cumsum(gaps, dtype=np.int64) + np.arange(1, gaps.size + 1, dtype=np.int64) - 1
+    if numel is not None and positions.size and positions[-1] >= numel:
+        raise ValueError(f"the gap stream reaches position {int(positions[-1])}, beyond numel={numel}")
+    if is_filler is not None:
+        is_filler = np.asarray(is_filler, dtype=bool)
+        if is_filler.shape != positions.shape:
+            raise ValueError(f"is_filler has {is_filler.size} flags for {gaps.size} gaps")
+        positions = positions[~is_filler]
+    return positions
+
+
+# --------------------------------------------------------------------------------------------------
+# Canonical Huffman coding
+# --------------------------------------------------------------------------------------------------
+
+# magic, version, bytes per stored block length (0: none stored), reserved, count, nbits, block size,
+# alphabet (entries of the code-length table); all little-endian.
+_STREAM_HEADER = struct.Struct("<4sBBHQQII")
+_STREAM_MAGIC = b"LCHF"
+_STREAM_VERSION = 1
+
+
+@dataclass(frozen=True, eq=False)
+class HuffmanStream:
+    """A canonical-Huffman-coded symbol stream.
+
+    Attributes:
+        lengths: uint8 code length of each symbol ``0 .. len(lengths) - 1``; 0 = the symbol is unused.
+        bits: the packed code bits (see the module docstring for the bit order).
+        count: number of symbols.
+        nbits: number of meaningful bits in ``bits``.
+        block_size: symbols per independently decodable block.
+        offsets: int64 bit offset of the first symbol of every block (``ceil(count / block_size)``).
+    """
+
+    lengths: np.ndarray
+    bits: np.ndarray
+    count: int
+    nbits: int
+    block_size: int
+    offsets: np.ndarray
+
+    @property
+    def bits_per_symbol(self) -> float:
+        """Average code length, the figure Huffman coding is judged by (0 for an empty stream)."""
+        return self.nbits / self.count if self.count else 0.0
+
+    @property
+    def nbytes(self) -> int:
+        """Size of :meth:`to_bytes`, without building it."""
+        width = _block_length_width(self)
+        return _STREAM_HEADER.size + self.lengths.size + width * max(self.offsets.size - 1, 0) + self.bits.size
+
+    def to_bytes(self) -> bytes:
+        """Serialize: a 32-byte header, the code-length table, the block lengths, the bits.
+
+        Block lengths (the bit offset of every block but the first, as differences) are stored in the
+        narrowest of 2, 4 or 8 little-endian bytes that holds them, which keeps the lockstep layout
+        to about 1% of a stream's size. The width follows from the bound ``block_size * max length``,
+        so that :func:`huffman_nbytes` predicts the size exactly.
+
+        Example:
+            >>> stream = huffman_encode(np.array([3, 3, 3, 1, 0]))
+            >>> huffman_decode(HuffmanStream.from_bytes(stream.to_bytes())).tolist()
+            [3, 3, 3, 1, 0]
+        """
+        width = _block_length_width(self)
+        block_lengths = np.diff(self.offsets).astype(f"<u{width}") if width else np.empty(0, np.uint8)
+        header = _STREAM_HEADER.pack(
+            _STREAM_MAGIC, _STREAM_VERSION, width, 0, self.count, self.nbits, self.block_size, self.lengths.size
+        )
+        return b"".join((header, self.lengths.astype(np.uint8).tobytes(), block_lengths.tobytes(), self.bits.tobytes()))
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray | memoryview) -> HuffmanStream:
+        """Parse :meth:`to_bytes`; a ``ValueError`` if the bytes are not a whole, consistent stream."""
+        data = memoryview(data).cast("B")
+        if len(data) < _STREAM_HEADER.size:
+            raise ValueError(f"Huffman stream truncated: {len(data)} bytes, shorter than its header")
+        magic, version, width, _, count, nbits, block_size, alphabet = _STREAM_HEADER.unpack_from(data)
+        if magic != _STREAM_MAGIC:
+            raise ValueError("not a Huffman stream (bad magic bytes)")
+        if version != _STREAM_VERSION:
+            raise ValueError(f"Huffman stream version {version} is not supported (this reader: {_STREAM_VERSION})")
+        if width not in (0, 2, 4, 8) or block_size < 1 or alphabet > MAX_ALPHABET:
+            raise ValueError("Huffman stream header is corrupted")
+        nblocks = -(-count // block_size)
+        stored_lengths = max(nblocks - 1, 0) if width else 0
+        sizes = (alphabet, width * stored_lengths, -(-nbits // 8))
+        if len(data) != _STREAM_HEADER.size + sum(sizes):
+            raise ValueError(f"Huffman stream truncated or corrupted: {len(data)} bytes, header promises "
+                             f"{_STREAM_HEADER.size + sum(sizes)}")
+        start = _STREAM_HEADER.size
+        lengths = np.frombuffer(data, np.uint8, sizes[0], start).copy()
+        start += sizes[0]
+        block_lengths = np.frombuffer(data, f"<u{width or 1}", stored_lengths, start).astype(np.int64)
+        start += sizes[1]
+        bits = np.frombuffer(data, np.uint8, sizes[2], start).copy()
+        offsets = np.zeros(nblocks, dtype=np.int64)
+        np.cumsum(block_lengths, out=offsets[1:])
+        stream = cls(lengths, bits, int(count), int(nbits), int(block_size), offsets)
+        _check_stream(stream)
+        return stream
+
+
+def code_lengths(frequencies: np.ndarray, max_length: int = MAX_CODE_LENGTH) -> np.ndarray:
+    """Huffman code lengths (uint8) for symbol frequencies, limited to ``max_length`` bits.
+
+    An optimal Huffman tree is built with a heap over the used symbols. If it is deeper than
+    ``max_length`` (a very skewed distribution over many symbols), the frequencies are halved (a used
+    symbol keeps at least 1) and the tree rebuilt until it fits: flatter frequencies give a shallower
+    tree, and all-equal frequencies give depth ``ceil(log2(used))``. A single used symbol gets length
+    1 (its stream then stores no bits).
+
+    Example:
+        >>> code_lengths(np.array([10, 0, 3, 1, 1])).tolist()
+        [1, 0, 2, 3, 3]
+    """
+    frequencies = np.asarray(frequencies, dtype=np.int64)
+    used = np.flatnonzero(frequencies)
+    if used.size > 1 << max_length:
+        raise ValueError(f"{used.size} symbols cannot all get codes of at most {max_length} bits")
+    lengths = np.zeros(frequencies.size, dtype=np.uint8)
+    if used.size == 1:
+        lengths[used] = 1
+    if used.size <= 1:
+        return lengths
+    weights = frequencies[used]
+    while True:
+        depth = _huffman_depths(weights)
+        if depth.max() <= max_length:
+            lengths[used] = depth
+            return lengths
+        weights = np.maximum(weights >> 1, 1)
+
+
+def huffman_encode(symbols: np.ndarray, block_size: int | None = None) -> HuffmanStream:
+    """Canonical Huffman coding of non-negative integer symbols (below :data:`MAX_ALPHABET`).
+
+    Every symbol's code and bit offset are computed at once; each code (at most 20 bits, starting at
+    any bit of a byte) lies within a 32-bit window starting at its first byte, so it is scattered as
+    at most four bytes, each added with ``np.bincount`` (codes never share a bit, so adding is OR).
+
+    Args:
+        symbols: any integer array; it is flattened.
+        block_size: symbols per lockstep-decoded block. Default ``max(256, isqrt(count))``, which
+            balances the decoder's Python iterations (one per symbol of a block) against the stored
+            block offsets (one per block).
+
+    Example:
+        >>> stream = huffman_encode(np.array([0, 0, 0, 0, 0, 0, 1, 2]))
+        >>> stream.lengths.tolist(), stream.nbits, stream.bits.tolist()
+        ([1, 2, 2], 10, [2, 192])
+        >>> huffman_decode(stream).tolist()
+        [0, 0, 0, 0, 0, 0, 1, 2]
+    """
+    symbols = _as_symbols(symbols)
+    count = symbols.size
+    if block_size is None:
+        block_size = max(MIN_BLOCK_SIZE, math.isqrt(count))
+    if not isinstance(block_size, (int, np.integer)) or block_size < 1:
+        raise ValueError(f"block_size={block_size!r} must be a positive integer")
+    nblocks = -(-count // block_size)
+    if count == 0:
+        return HuffmanStream(np.zeros(0, np.uint8), np.zeros(0, np.uint8), 0, 0, block_size, np.zeros(0, np.int64))
+    lengths = code_lengths(np.bincount(symbols))
+    if np.count_nonzero(lengths) == 1:
+        return HuffmanStream(lengths, np.zeros(0, np.uint8), count, 0, block_size, np.zeros(nblocks, np.int64))
+
+    codes = _canonical_codes(lengths)
+    symbol_lengths = lengths[symbols]
+    nbits = int(symbol_lengths.sum(dtype=np.int64))
+    out = np.zeros(-(-nbits // 8) + 4, dtype=np.uint8)  # 4 spare bytes: the last code's window
+    window_bytes = (7 + int(lengths.max()) + 7) // 8
+    offsets = np.empty(nblocks, dtype=np.int64)
+    chunk = block_size * max(1, _ENCODE_CHUNK // block_size)  # whole blocks, so offsets align
+    carry = 0
+    for lo in range(0, count, chunk):
+        length = symbol_lengths[lo : lo + chunk].astype(np.int64)
+        ends = np.cumsum(length) + carry
+        starts = ends - length
+        carry = int(ends[-1])
+        offsets[lo // block_size : lo // block_size + -(-length.size // block_size)] = starts[::block_size]
+        # Left-align each code in a 32-bit window beginning at the byte of its first bit.
+        window = codes[symbols[lo : lo + chunk]].astype(np.int64) << (32 - (starts & 7) - length)
+        first_byte = starts >> 3
+        base = int(first_byte[0])
+        span = int(first_byte[-1]) - base + window_bytes
+        local = first_byte - base
+        for k in range(window_bytes):
+            part = (window >> (24 - 8 * k)) & 0xFF
+            out[base : base + span] += np.bincount(local + k, weights=part, minlength=span).astype(np.uint8)
+    return HuffmanStream(lengths, out[: -(-nbits // 8)].copy(), count, nbits, block_size, offsets)
+
+
+def huffman_decode(stream: HuffmanStream) -> np.ndarray:
+    """Decode a :class:`HuffmanStream` to its symbols, in the narrowest of uint8/16/32.
+
+    A table indexed by the next ``L`` bits (``L`` the longest code) gives the symbol and its code
+    length. All blocks advance together: iteration ``j`` decodes the ``j``-th symbol of every block,
+    so the Python loop runs ``block_size`` times whatever the stream's length. Each block must end
+    exactly where the next begins, which catches corrupted bits or tables (``ValueError``).
+
+    Example:
+        >>> huffman_decode(huffman_encode(np.array([5, 5, 5]))).tolist()
+        [5, 5, 5]
+        >>> huffman_decode(huffman_encode(np.array([], dtype=np.int64))).tolist()
+        []
+    """
+    _check_stream(stream)
+    count, block_size = stream.count, stream.block_size
+    alphabet = stream.lengths.size
+    dtype = np.uint8 if alphabet <= 1 << 8 else np.uint16 if alphabet <= 1 << 16 else np.uint32
+    if count == 0:
+        return np.zeros(0, dtype=dtype)
+    used = np.flatnonzero(stream.lengths)
+    if used.size == 1:
+        return np.full(count, used[0], dtype=dtype)
+
+    max_length = int(stream.lengths.max())
+    table_symbol, table_length = _decode_table(stream.lengths, max_length, dtype)
+    # A stream shorter than one block is one short block: a header's block size never sizes memory.
+    steps = min(block_size, count)
+    # Bytes past the end: a corrupted block may overrun by up to a block of codes before the check.
+    padded = np.concatenate([stream.bits, np.zeros((steps * max_length) // 8 + 8, np.uint8)])
+    # A big-endian 32-bit word starting at every byte: an unaligned view, one gather per iteration.
+    words = np.ndarray(shape=(padded.size - 3,), dtype=">u4", buffer=padded, strides=(1,))
+
+    nblocks = stream.offsets.size
+    last_block = count - (nblocks - 1) * block_size
+    out = np.empty((nblocks, steps), dtype=dtype)
+    position = stream.offsets.copy()
+    shift = np.int64(32 - max_length)
+    mask = np.int64((1 << max_length) - 1)
+    active = nblocks
+    for j in range(steps):
+        if j == last_block:
+            active = nblocks - 1  # the last block is shorter; its row stops being read
+        p = position[:active]
+        peek = (words[p >> 3] >> (shift - (p & 7))) & mask
+        out[:active, j] = table_symbol[peek]
+        p += table_length[peek]
+
+    expected = np.append(stream.offsets[1:], stream.nbits)
+    if not np.array_equal(position, expected):
+        raise ValueError("Huffman stream corrupted: the decoded blocks do not end where they should")
+    return out.reshape(-1)[:count]
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def huffman_nbytes(frequencies: np.ndarray, block_size: int | None = None) -> int:
+    """Serialized size of the stream :func:`huffman_encode` would build from these frequencies.
+
+    Computes the code lengths only, so choosing between two encodings costs no encoding.
+
+    Example:
+        >>> symbols = np.array([0] * 90 + [1] * 10)
+        >>> huffman_nbytes(np.bincount(symbols)) == huffman_encode(symbols).nbytes
+        True
+    """
+    frequencies = np.asarray(frequencies, dtype=np.int64)
+    count = int(frequencies.sum())
+    if block_size is None:
+        block_size = max(MIN_BLOCK_SIZE, math.isqrt(count))
+    lengths = code_lengths(frequencies)
+    alphabet = int(np.flatnonzero(frequencies)[-1]) + 1 if count else 0
+    if np.count_nonzero(lengths) <= 1:
+        return _STREAM_HEADER.size + alphabet
+    nbits = int((frequencies * lengths).sum())
+    nblocks = -(-count // block_size)
+    # Block lengths are bounded by block_size * max length; the stored width follows from that bound.
+    width = _width_for(block_size * int(lengths.max()))
+    return _STREAM_HEADER.size + alphabet + width * (nblocks - 1) + -(-nbits // 8)
+
+
+def _as_symbols(symbols: np.ndarray) -> np.ndarray:
+    symbols = np.asarray(symbols).reshape(-1)
+    if symbols.size == 0:
+        return symbols.astype(np.int64)
+    if not np.issubdtype(symbols.dtype, np.integer):
+        raise ValueError(f"symbols must be integers, got dtype {symbols.dtype}")
+    low, high = int(symbols.min()), int(symbols.max())
+    if low < 0 or high >= MAX_ALPHABET:
+        raise ValueError(f"symbols must be in [0, {MAX_ALPHABET}), got values in [{low}, {high}]")
+    return symbols
+
+
+def _huffman_depths(weights: np.ndarray) -> np.ndarray:
+    """Leaf depths of a Huffman tree over ``weights`` (at least two), with deterministic tie-breaking."""
+    n = weights.size
+    heap = [(int(w), i) for i, w in enumerate(weights)]
+    heapq.heapify(heap)
+    parent = np.zeros(2 * n - 1, dtype=np.int64)
+    for node in range(n, 2 * n - 1):
+        w1, a = heapq.heappop(heap)
+        w2, b = heapq.heappop(heap)
+        parent[a] = parent[b] = node
+        heapq.heappush(heap, (w1 + w2, node))
+    # Parents are created after their children, so one pass from the root down sets every depth.
+    depth = np.zeros(2 * n - 1, dtype=np.int64).tolist()
+    parents = parent.tolist()
+    for node in range(2 * n - 3, -1, -1):
+        depth[node] = depth[parents[node]] + 1
+    return np.asarray(depth[:n], dtype=np.uint8)
+
+
+def _canonical_order(lengths: np.ndarray) -> np.ndarray:
+    used = np.flatnonzero(lengths)
+    return used[np.lexsort((used, lengths[used]))]  # by length, then by symbol
+
+
+def _canonical_codes(lengths: np.ndarray) -> np.ndarray:
+    """Code of every symbol (uint32; 0 for unused ones), from the code-length table alone."""
+    order = _canonical_order(lengths)
+    max_length = int(lengths.max())
+    # Left-aligned to max_length bits, canonical codes are the running sum of 2**(max_length - length).
+    span = np.int64(1) << (max_length - lengths[order].astype(np.int64))
+    left_aligned = np.cumsum(span) - span
+    codes = np.zeros(lengths.size, dtype=np.uint32)
+    codes[order] = left_aligned >> (max_length - lengths[order].astype(np.int64))
+    return codes
+
+
+def _decode_table(lengths: np.ndarray, max_length: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Symbol and code length for every ``max_length``-bit prefix; length 0 marks an invalid prefix."""
+    order = _canonical_order(lengths)
+    span = np.int64(1) << (max_length - lengths[order].astype(np.int64))
+    size = 1 << max_length
+    table_symbol = np.zeros(size, dtype=dtype)
+    table_length = np.zeros(size, dtype=np.uint8)
+    filled = int(span.sum())
+    table_symbol[:filled] = np.repeat(order.astype(dtype), span)
+    table_length[:filled] = np.repeat(lengths[order], span)
+    return table_symbol, table_length
+
+
+def _width_for(value: int) -> int:
+    return 2 if value < 1 << 16 else 4 if value < 1 << 32 else 8
+
+
+def _block_length_width(stream: HuffmanStream) -> int:
+    # From the bound on a block's bits rather than the actual lengths, so huffman_nbytes is exact.
+    if stream.offsets.size <= 1 or stream.nbits == 0:
+        return 0
+    return _width_for(stream.block_size * int(stream.lengths.max()))
+
+
+def _check_stream(stream: HuffmanStream) -> None:
+    """Reject a table or layout that could not come from :func:`huffman_encode`."""
+    lengths = stream.lengths
+    used = np.count_nonzero(lengths)
+    nblocks = -(-stream.count // stream.block_size)
+    if stream.count and used == 0:
+        raise ValueError("Huffman stream corrupted: symbols but no codes")
+    if lengths.size and int(lengths.max()) > MAX_CODE_LENGTH:
+        raise ValueError(f"Huffman stream corrupted: a code longer than {MAX_CODE_LENGTH} bits")
+    if used > 1 and np.sum(np.ldexp(1.0, -lengths[lengths > 0].astype(np.int64))) > 1.0:
+        raise ValueError("Huffman stream corrupted: the code lengths violate the Kraft inequality")
+    if stream.offsets.size != nblocks or stream.nbits > 8 * stream.bits.size:
+        raise ValueError("Huffman stream corrupted: block offsets or bit count inconsistent")
+    if nblocks and (stream.offsets[0] != 0 or np.any(np.diff(stream.offsets) < 0) or stream.offsets[-1] > stream.nbits):
+        raise ValueError("Huffman stream corrupted: block offsets out of order")

@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+
+from lightning_compress import CompressionReport, DigitsDataModule, ImageClassifier, IterativePruning, WeightSharing
+from lightning_compress.methods.sharing import is_shared
+from lightning_compress.models import create_model
+
+
+def _fit(callbacks, max_epochs=3, module=None, **kwargs):
+    pl.seed_everything(0)
+    module = module or ImageClassifier("digits_cnn", optimizer="adamw", lr=0.005, weight_decay=0.0)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=max_epochs, callbacks=callbacks, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **kwargs,
+    )
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=64))
+    return trainer, module
+
+
+def _distinct(layer: nn.Module) -> int:
+    w = layer.weight.detach()
+    return int(w[w != 0].unique().numel())
+
+
+def test_cluster_at_epoch_then_finetune_centroids():
+    sharing = WeightSharing(bits=3, epoch=1)
+    codebooks = {}
+
+    class Watch(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            codebooks[trainer.current_epoch] = pl_module.model.features[3].weight_codebook.clone()
+
+    trainer, module = _fit([sharing, Watch()], max_epochs=3)
+    assert not torch.any(codebooks[0])  # placeholder before clustering
+    assert not torch.equal(codebooks[1], codebooks[2])  # centroids kept learning, codes fixed
+    for layer in (module.model.features[0], module.model.features[3], module.model.classifier):
+        assert 1 < _distinct(layer) <= 8
+        assert not is_shared(layer) and "weight_code" not in layer._buffers  # folded at fit end
+    fresh = create_model("digits_cnn")
+    fresh.load_state_dict(module.model.state_dict(), strict=True)
+    assert trainer.callback_metrics["val/acc"] > 0.8
+
+
+def test_frozen_centroids_without_finetune():
+    sharing = WeightSharing(bits=2, epoch=1, finetune=False)
+    snapshots = {}
+
+    class Watch(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            snapshots[trainer.current_epoch] = pl_module.model.features[3].weight.detach().clone()
+
+    _fit([sharing, Watch()], max_epochs=3)
+    assert torch.equal(snapshots[1], snapshots[2])
+
+
+def test_at_fit_end_by_default_and_per_layer_bits():
+    sharing = WeightSharing(bits={"features.*": 4, "classifier": 2})
+    _, module = _fit([sharing], max_epochs=1)
+    assert _distinct(module.model.features[3]) <= 16 and _distinct(module.model.classifier) <= 4
+    assert _distinct(module.model.features[3]) > 4
+
+
+def test_pruned_weights_stay_zero_and_take_no_centroid(tmp_path):
+    pruning = IterativePruning(sparsity=0.8, schedule="one_shot", start_epoch=0)
+    sharing = WeightSharing(bits=2, epoch=1)
+    report = CompressionReport(print_table=False, input_size=[1, 8, 8])
+    _, module = _fit([pruning, sharing, report], max_epochs=3, default_root_dir=tmp_path)
+    layer = module.model.features[3]
+    zeros = float((layer.weight == 0).float().mean())
+    assert zeros == pytest.approx(0.8, abs=0.01)
+    assert _distinct(layer) <= 4
+    row = next(r for r in report.last_report.layers if r.name == "features.3")
+    assert row.bits == 2 and "shared" in row.note  # the report reads the folded codebook
+    assert report.last_report.compression_ratio > 10
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(bits=0), "bits=0 must be an integer in 1..16"),
+        (dict(bits=17), "bits=17"),
+        (dict(bits={"features.*": 20}), "bits\\['features.\\*'\\]=20"),
+        (dict(init="kmeans++"), "init='kmeans\\+\\+'.*'linear', 'density', 'random'"),
+        (dict(epoch=-1), "epoch=-1"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        WeightSharing(**kwargs)
+
+
+def test_bits_globs_matching_nothing():
+    with pytest.raises(ValueError, match="match none of the targeted layers"):
+        WeightSharing(bits={"encoder.*": 4}).setup(None, ImageClassifier("digits_cnn"), "fit")
+
+
+def test_deep_compression_export_round_trips_bit_exactly(tmp_path):
+    from lightning_compress import load_compressed
+
+    path = tmp_path / "model.lcpk"
+    pruning = IterativePruning(sparsity=0.85, schedule="agp", start_epoch=0, end_epoch=1, frequency=5,
+                               rehabilitation=True)
+    sharing = WeightSharing(bits={"features.*": 5, "classifier": 4}, epoch=2, export=str(path))
+    _, module = _fit([pruning, sharing], max_epochs=3)
+    summary = sharing.export_summary
+    assert path.stat().st_size == summary.file_bytes
+    stages = summary.stages()
+    assert stages["dense"] > stages["pruned"] > stages["+ shared"]
+    # On a 24K-parameter model the Huffman tables and headers can outweigh what coding saves; the
+    # file still is several times smaller than the fp32 state dict.
+    assert summary.compression_ratio > 5
+    fresh = create_model("digits_cnn")
+    load_compressed(path, model=fresh)
+    for key, value in module.model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    assert float((fresh.features[3].weight == 0).float().mean()) == pytest.approx(0.85, abs=0.01)
