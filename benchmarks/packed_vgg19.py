@@ -1,12 +1,11 @@
-"""Time the packed artifact on VGG19-BN: 95% magnitude pruning, 32 shared values per layer.
+"""Time weight sharing and the packed artifact on VGG19-BN (randomly initialised: sizes and times
+depend on shapes and value distributions, not on training).
 
-Every Conv / Linear weight keeps its 5% largest magnitudes and each kept weight is replaced by the
-nearest of 32 levels, quantiles of the layer's kept weights (a stand-in for k-means sharing: the
-file's size depends on how many distinct values there are and how often each occurs, not on how
-they were found). Measured, each the best of ``--repeats``: ``save_compressed`` and
-``load_compressed``, Huffman encode and decode of 20M symbols drawn from a geometric distribution
-(p = 0.25, clipped to 256 symbols); with the file size and its ratio to ``torch.save`` of the fp32
-state dict. Written to ``benchmarks/results/packed_vgg19.json``.
+Measured, each the best of ``--repeats``: WeightSharing's k-means (5 bits) over all 20M weights of
+the dense VGG19; then, on a copy pruned to 95% by magnitude per layer and shared with 5 bits by the
+same k-means, ``save_compressed`` and ``load_compressed``; Huffman encode and decode of 20M symbols
+drawn from a geometric distribution (p = 0.25, clipped to 256 symbols); with the file size and its
+ratio to ``torch.save`` of the fp32 state dict. Written to ``benchmarks/results/packed_vgg19.json``.
 
     python -m benchmarks.packed_vgg19
 """
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lightning_compress import IterativePruning, WeightSharing
 from lightning_compress.methods.sharing.encoding import huffman_decode, huffman_encode
 from lightning_compress.methods.sharing.packed import load_compressed, save_compressed
 from lightning_compress.models import create_model
@@ -33,22 +33,23 @@ RESULTS = Path(__file__).parent / "results"
 
 
 @torch.no_grad()
-def prune_and_share(model: nn.Module, sparsity: float = 0.95, levels: int = 32) -> None:
-    """Keep the largest (1 - sparsity) magnitudes of every Conv / Linear weight, snap them to levels.
+def prune(model: nn.Module, sparsity: float = 0.95) -> None:
+    """Per-layer magnitude pruning through IterativePruning's own selection, folded into the weights."""
+    pruning = IterativePruning(sparsity=sparsity, schedule="one_shot")
+    pruning.setup(None, model, "fit")
+    pruning.update_masks(sparsity)
+    pruning.finalize(model)
 
-    The levels are quantiles of the kept weights (k-means' density initialisation), so all 32 are
-    used; pruned weights become +0.0 (``torch.where``, not a multiplication, which would give -0.0).
-    """
-    for module in model.modules():
-        if not isinstance(module, (nn.Conv2d, nn.Linear)):
-            continue
-        weight = module.weight
-        keep = max(1, round(weight.numel() * (1.0 - sparsity)))
-        threshold = weight.abs().flatten().kthvalue(weight.numel() - keep + 1).values
-        kept = weight.abs() >= threshold
-        grid = torch.quantile(weight[kept], torch.linspace(0, 1, levels), interpolation="nearest")
-        nearest = grid[torch.bucketize(weight[kept], (grid[1:] + grid[:-1]) / 2)]
-        weight.copy_(torch.zeros_like(weight).masked_scatter_(kept, nearest))
+
+def share(model: nn.Module, bits: int = 5) -> float:
+    """WeightSharing's k-means on every Conv / Linear weight; returns its seconds."""
+    sharing = WeightSharing(bits=bits)
+    sharing.setup(None, model, "fit")
+    start = time.perf_counter()
+    sharing.cluster(None)
+    seconds = time.perf_counter() - start
+    sharing.finalize(model)
+    return seconds
 
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -72,8 +73,12 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
+    dense = create_model("vgg19_bn").eval()
+    kmeans_s = min(share(create_model("vgg19_bn")) for _ in range(args.repeats))
     model = create_model("vgg19_bn").eval()
-    prune_and_share(model)
+    model.load_state_dict(dense.state_dict())
+    prune(model)
+    share(model)
     reference = {key: value.clone() for key, value in model.state_dict().items()}
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
@@ -95,8 +100,9 @@ def main() -> None:
         "device": f"CPU, {torch.get_num_threads()} torch threads ({platform.machine()})",
         "model": "vgg19_bn",
         "sparsity": 0.95,
-        "levels_per_layer": 32,
+        "bits": 5,
         "params": sum(p.numel() for p in model.parameters()),
+        "kmeans_all_weights_s": round(kmeans_s, 3),
         "save_compressed_s": round(save_s, 3),
         "load_compressed_s": round(load_s, 3),
         "round_trip_bit_exact": exact,

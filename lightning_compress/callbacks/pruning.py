@@ -15,6 +15,7 @@ from typing_extensions import override
 from ..methods.pruning import masks as M
 from ..methods.pruning import selection as S
 from ..methods.pruning.schedule import PruningSchedule
+from ..methods.sharing.codebook import is_shared
 from .targets import compressible_root, first_match, resolve_targets
 
 
@@ -249,6 +250,8 @@ class IterativePruning(Callback):
             return
         if self.criterion == "obd" and self.obd_count < self.obd_batches:
             return  # not enough squared gradients yet: the update waits for them
+        if any(is_shared(layer) for layer in self._layers.values()):
+            return  # WeightSharing has clustered these weights: the codes fix which ones are kept
         self.update_masks(target, trainer)
         self.last_update_step = step
         self.current_target = target

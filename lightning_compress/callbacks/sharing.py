@@ -45,9 +45,10 @@ class WeightSharing(Callback):
         export: path of the packed artifact (``save_compressed``) written at fit end on rank 0.
         targets: module-name globs; default every Conv / Linear layer.
         iters: k-means iterations (it usually converges well before).
-
-    The centroid gradient is a sum over possibly thousands of members: with SGD, fine-tune with a
-    learning rate well below the training one (or use Adam, which is insensitive to that scale).
+        centroid_gradient: ``"sum"`` of the members' gradients (the true gradient of the centroid,
+            Han et al.) or their ``"mean"``. The sum over thousands of members makes SGD's steps
+            that many times larger: with SGD prefer ``"mean"`` or a much smaller learning rate; Adam
+            is insensitive to the scale.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -70,6 +71,7 @@ class WeightSharing(Callback):
         export: str | None = None,
         targets: list[str] | None = None,
         iters: int = 50,
+        centroid_gradient: str = "sum",
     ) -> None:
         for glob, value in (bits.items() if isinstance(bits, dict) else [(None, bits)]):
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 16:
@@ -83,6 +85,8 @@ class WeightSharing(Callback):
             raise ValueError(f"epoch={epoch} must be >= 0 or None (cluster at fit end)")
         if iters < 1:
             raise ValueError(f"iters={iters} must be >= 1")
+        if centroid_gradient not in ("sum", "mean"):
+            raise ValueError(f"centroid_gradient={centroid_gradient!r} is not known; valid: 'sum', 'mean'")
         self.bits = dict(bits) if isinstance(bits, dict) else bits
         self.init = init
         self.epoch = epoch
@@ -90,6 +94,7 @@ class WeightSharing(Callback):
         self.export = export
         self.targets = list(targets) if targets is not None else None
         self.iters = iters
+        self.centroid_gradient = centroid_gradient
         self.clustered = False  # checkpointed
         self.export_summary = None  # PackedSummary of the file written at fit end
         self._root: nn.Module | None = None
@@ -146,7 +151,7 @@ class WeightSharing(Callback):
             return
         for layer in self._layers.values():
             if self.finetune:
-                C.tie_gradients(layer)
+                C.tie_gradients(layer, self.centroid_gradient)
             elif layer.weight.grad is not None:
                 layer.weight.grad.zero_()
 

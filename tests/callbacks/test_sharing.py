@@ -118,3 +118,12 @@ def test_deep_compression_export_round_trips_bit_exactly(tmp_path):
     for key, value in module.model.state_dict().items():
         assert torch.equal(fresh.state_dict()[key], value), key
     assert float((fresh.features[3].weight == 0).float().mean()) == pytest.approx(0.85, abs=0.01)
+
+
+def test_pruning_stops_rehabilitating_once_weights_are_shared():
+    pruning = IterativePruning(sparsity=0.7, schedule="one_shot", start_epoch=0, frequency=2, rehabilitation=True,
+                               make_permanent=False)
+    sharing = WeightSharing(bits=3, epoch=1)
+    _fit([pruning, sharing], max_epochs=3)
+    steps_per_epoch = 20  # 1257 digits training images / 64
+    assert all(step < steps_per_epoch for step, _ in pruning.history)  # no mask update after clustering

@@ -70,13 +70,20 @@ def _cluster_sum(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def tie_gradients(module: nn.Module) -> None:
-    """Every member's gradient becomes its cluster's summed gradient; pruned entries get none."""
+def tie_gradients(module: nn.Module, reduce: str = "sum") -> None:
+    """Every member's gradient becomes its cluster's summed (or mean) gradient; pruned entries get none.
+
+    ``"sum"`` is the true gradient of the loss with respect to the centroid (Han et al.); ``"mean"``
+    divides it by the cluster size, which keeps SGD's step size independent of how many weights
+    share a centroid.
+    """
     grad = module.weight.grad
     if grad is None:
         return
     sums = _cluster_sum(module, grad)
     code = module.weight_code.long()
+    if reduce == "mean":
+        sums = sums / torch.bincount(code[code >= 0], minlength=sums.numel()).clamp(min=1)
     grad.copy_(torch.where(code >= 0, sums.to(grad.dtype)[code.clamp(min=0)], torch.zeros((), dtype=grad.dtype, device=grad.device)))
 
 

@@ -85,3 +85,17 @@ def test_tied_gradients_keep_cluster_members_equal_under_sgd_momentum():
         sync_to_codebook(layer)
     assert not torch.equal(before, layer.weight_codebook)  # the centroids learned
     assert layer.weight.unique().numel() <= 4
+
+
+def test_mean_reduction_divides_by_cluster_size():
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 4)
+    share_weights(layer, bits=1)
+    layer(torch.randn(3, 16)).sum().backward()
+    raw = layer.weight.grad.clone()
+    tie_gradients(layer, "mean")
+    code = layer.weight_code.long()
+    for j in range(2):
+        members = code == j
+        if members.any():
+            assert torch.allclose(layer.weight.grad[members], raw[members].mean().expand(int(members.sum())))
