@@ -131,8 +131,8 @@ class CompressionSummary:
             f"{self.nonzeros:,}",
             f"{self.sparsity:.1%}",
             f"{self.bits_per_weight:.2f}",
-            _human_bytes(self.dense_bytes),
-            f"{_human_bytes(self.compressed_bytes)} ({self.compression_ratio:.1f}x)",
+            human_bytes(self.dense_bytes),
+            f"{human_bytes(self.compressed_bytes)} ({self.compression_ratio:.1f}x)",
         ]
         if macs_known:
             columns.append("MACs")
@@ -147,8 +147,8 @@ class CompressionSummary:
                 f"{layer.nonzeros:,}",
                 f"{layer.sparsity:.1%}",
                 f"{layer.bits:g}",
-                _human_bytes(layer.dense_bytes),
-                _human_bytes(layer.compressed_bytes),
+                human_bytes(layer.dense_bytes),
+                human_bytes(layer.compressed_bytes),
             ]
             if macs_known:
                 row.append(f"{layer.macs:,}" if layer.macs is not None else "-")
@@ -156,9 +156,10 @@ class CompressionSummary:
         return table
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
+def human_bytes(n: float) -> str:
+    """``1536`` -> ``"1.50 KB"``: sizes for tables."""
+    for unit in ("B", "KB", "MB"):
+        if abs(n) < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} GB"

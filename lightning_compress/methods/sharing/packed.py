@@ -58,6 +58,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..report import human_bytes
 from .encoding import (
     HuffmanStream,
     absolute_positions,
@@ -182,16 +183,16 @@ class PackedSummary:
         stored = sum(layer.stored_bytes for layer in self.layers)
         numel = sum(layer.numel for layer in self.layers)
         nonzeros = sum(layer.nonzeros for layer in self.layers)
-        stages = " -> ".join(f"{name} {_human(size)}" for name, size in self.stages().items())
+        stages = " -> ".join(f"{name} {human_bytes(size)}" for name, size in self.stages().items())
         table = Table(title=title, show_footer=True,
                       caption=f"{stages} ({self.compression_ratio:.1f}x); other tensors {self.other_tensors}: "
-                              f"{_human(self.other_bytes)}, manifest {_human(self.manifest_bytes)}")
+                              f"{human_bytes(self.other_bytes)}, manifest {human_bytes(self.manifest_bytes)}")
         columns = {
             "layer": "total", "encoding": "", "numel": f"{numel:,}", "nonzeros": f"{nonzeros:,}", "distinct": "",
-            "gap bits": "", "code bits": "", "stored": _human(stored),
-            "pruned": _human(sum(layer.pruned_bytes for layer in self.layers)),
-            "shared": _human(sum(layer.shared_bytes for layer in self.layers)),
-            "dense fp32": _human(sum(layer.dense_bytes for layer in self.layers)),
+            "gap bits": "", "code bits": "", "stored": human_bytes(stored),
+            "pruned": human_bytes(sum(layer.pruned_bytes for layer in self.layers)),
+            "shared": human_bytes(sum(layer.shared_bytes for layer in self.layers)),
+            "dense fp32": human_bytes(sum(layer.dense_bytes for layer in self.layers)),
         }
         notes = any(layer.note for layer in self.layers)
         if notes:
@@ -203,18 +204,10 @@ class PackedSummary:
             table.add_row(
                 layer.name, layer.encoding, f"{layer.numel:,}", f"{layer.nonzeros:,}", f"{layer.distinct:,}",
                 f"{layer.gap_bits:.2f}" if layer.entries and "sparse" in layer.encoding else "-",
-                f"{layer.code_bits:.2f}", _human(layer.stored_bytes), _human(layer.pruned_bytes),
-                _human(layer.shared_bytes), _human(layer.dense_bytes), *([layer.note] if notes else []),
+                f"{layer.code_bits:.2f}", human_bytes(layer.stored_bytes), human_bytes(layer.pruned_bytes),
+                human_bytes(layer.shared_bytes), human_bytes(layer.dense_bytes), *([layer.note] if notes else []),
             )
         return table
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 # --------------------------------------------------------------------------------------------------
