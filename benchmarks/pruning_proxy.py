@@ -138,7 +138,7 @@ def accuracy(args) -> None:
         raise SystemExit(f"{CHECKPOINT} is missing: run `python -m benchmarks.proxy` first")
     ramp = args.epochs - args.final_epochs
     rows = []
-    for final in args.sparsity:
+    for seed, final in [(seed, final) for final in args.sparsity for seed in args.seeds]:
         methods = {
             "lightning_model_pruning": lambda m: [model_pruning(m.model, final, ramp)],
             "iterative_pruning_agp": lambda m: [IterativePruning(sparsity=final, schedule="agp", start_epoch=0,
@@ -149,7 +149,7 @@ def accuracy(args) -> None:
                 rehabilitation=True, log_layers=False)],
         }
         for name, make in methods.items():
-            pl.seed_everything(0)
+            pl.seed_everything(seed)
             module = proxy_module(weights=str(CHECKPOINT), lr=args.lr)
             trainer = proxy_trainer(args.epochs, make(module), enable_progress_bar=False, num_sanity_val_steps=0)
             start = time.perf_counter()
@@ -157,7 +157,8 @@ def accuracy(args) -> None:
             trainer.fit(module, datamodule=dm)
             seconds = time.perf_counter() - start
             test = trainer.test(module, datamodule=dm, verbose=False)[0]["test/acc"]
-            rows.append({"method": name, "target_sparsity": final, "sparsity": round(_sparsity(module.model), 4),
+            rows.append({"method": name, "seed": seed, "target_sparsity": final,
+                         "sparsity": round(_sparsity(module.model), 4),
                          "test_acc": round(test, 4), "train_seconds": round(seconds, 1)})
             print(rows[-1])
     baseline = proxy_module(weights=str(CHECKPOINT))
@@ -165,10 +166,11 @@ def accuracy(args) -> None:
     base_acc = trainer.test(baseline, datamodule=proxy_datamodule(args.data_dir), verbose=False)[0]["test/acc"]
     for row in rows:
         row["delta_points"] = round(100 * (row["test_acc"] - base_acc), 2)
-    _write("accuracy", {
+    _write(args.output, {
         "benchmark": "pruning_accuracy", "model": "vgg_proxy", "device": _device(),
         "baseline_test_acc": round(base_acc, 4), "epochs": args.epochs, "ramp_epochs": ramp, "lr": args.lr,
-        "note": "same start weights, optimizer, schedule and epochs for every method; global magnitude ranking",
+        "note": "same start weights, optimizer, schedule and epochs for every method; global magnitude ranking; "
+                "train_seconds are wall times on a shared machine, not a speed comparison (see pruning_overhead.json)",
         "results": rows,
     })
 
@@ -226,6 +228,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--final-epochs", type=int, default=4, help="epochs at the final sparsity after the ramp")
     p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--output", default="accuracy", help="results/pruning_<output>.json")
     p = sub.add_parser("filter_latency")
     p.add_argument("--filter-sparsity", type=float, default=0.5)
     p.add_argument("--repeats", type=int, default=10)

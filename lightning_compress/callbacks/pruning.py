@@ -39,9 +39,10 @@ class IterativePruning(Callback):
         frequency: optimizer steps between AGP updates, and between rehabilitation updates.
         initial_sparsity: AGP's s_i.
         rehabilitation: Dynamic Network Surgery (Guo et al. 2016). The forward uses the masked weights,
-            the gradient updates all dense weights (straight-through), and every ``frequency`` steps the
-            masks are recomputed from the dense weights with hysteresis ``margin``: a pruned weight is
-            spliced back once it grows past the cut. Without it, a pruned weight is exactly zero and
+            the gradient updates all dense weights (straight-through), and every ``frequency`` steps
+            until ``end_epoch`` (for ever when ``end_epoch <= start_epoch``) the masks are recomputed from
+            the dense weights with hysteresis ``margin``: a pruned weight is spliced back once it grows
+            past the cut. After ``end_epoch`` the masks stay fixed while the network fine-tunes. Without it, a pruned weight is exactly zero and
             stays so: its gradient is masked and its momentum / Adam state cleared when it is pruned.
         margin: DNS hysteresis; a kept weight's score counts ``1 + margin`` times in the ranking.
         scope: ``"layer"`` (each layer reaches its sparsity) or ``"global"`` (one ranking of all
@@ -238,13 +239,18 @@ class IterativePruning(Callback):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
-        target = self.schedule.target(step, self._steps_per_epoch(trainer))
+        steps_per_epoch = self._steps_per_epoch(trainer)
+        target = self.schedule.target(step, steps_per_epoch)
         if target is None:
             return
         due = (
             self.last_update_step is None
             or target != self.current_target
-            or (self.rehabilitation and step - self.last_update_step >= self.schedule.frequency)
+            or (
+                self.rehabilitation
+                and step - self.last_update_step >= self.schedule.frequency
+                and self._splicing(step, steps_per_epoch)
+            )
         )
         if not due:
             return
@@ -262,6 +268,16 @@ class IterativePruning(Callback):
         if self.log_layers:
             for name, layer in self._layers.items():
                 pl_module.log(f"pruning/sparsity/{name}", _layer_sparsity(layer), on_step=True, on_epoch=False)
+
+    def _splicing(self, step: int, steps_per_epoch: int) -> bool:
+        """DNS recomputes masks until ``end_epoch`` (for the whole fit when ``end_epoch <= start_epoch``).
+
+        DNS lets the chance of a mask update decay so that the surviving network settles; here the
+        masks freeze once the schedule is done and the last epochs fine-tune a fixed sparse network.
+        """
+        if self.schedule.end_epoch <= self.schedule.start_epoch:
+            return True
+        return step < self.schedule.end_epoch * steps_per_epoch
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:

@@ -258,3 +258,12 @@ def test_filter_pruning_on_mobilenet_warns_about_coupled_convolutions():
     with pytest.warns(UserWarning, match="leaves .* whose channels are coupled"):
         pruning.setup(None, module, "fit")
     assert 0 < len(pruning._names) < 10
+
+
+def test_rehabilitation_freezes_masks_after_end_epoch():
+    pruning = IterativePruning(sparsity=0.6, schedule="agp", start_epoch=0, end_epoch=1, frequency=3,
+                               rehabilitation=True, make_permanent=False)
+    trainer, _ = _fit([pruning], max_epochs=3)
+    end_step = trainer.num_training_batches  # end_epoch = 1
+    steps = [step for step, _ in pruning.history]
+    assert max(steps) < end_step + 3 and len(steps) > 3  # the last AGP step may round past end_epoch
