@@ -16,7 +16,7 @@ from ..methods.pruning import masks as M
 from ..methods.pruning import selection as S
 from ..methods.pruning.schedule import PruningSchedule
 from ..methods.sharing.codebook import is_shared
-from .targets import compressible_root, first_match, resolve_targets
+from .targets import compressible_root, first_match, lookup, resolve_targets
 
 
 class IterativePruning(Callback):
@@ -153,7 +153,7 @@ class IterativePruning(Callback):
 
     @property
     def _layers(self) -> dict[str, nn.Module]:
-        return {name: self._root.get_submodule(name) for name in self._names} if self._root is not None else {}
+        return lookup(self._root, self._names)
 
     # ------------------------------------------------------------------ structure (setup)
 

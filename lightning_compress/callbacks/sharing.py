@@ -16,10 +16,11 @@ from torch import nn
 from typing_extensions import override
 
 from ..methods.distributed import broadcast_
+from ..methods.optim_state import zero_weight_state
 from ..methods.pruning import masks as M
 from ..methods.sharing import codebook as C
 from ..methods.sharing.kmeans import INITS
-from .targets import compressible_root, first_match, resolve_targets
+from .targets import compressible_root, first_match, lookup, resolve_targets
 
 
 class WeightSharing(Callback):
@@ -108,7 +109,7 @@ class WeightSharing(Callback):
 
     @property
     def _layers(self) -> dict[str, nn.Module]:
-        return {name: self._root.get_submodule(name) for name in self._names} if self._root is not None else {}
+        return lookup(self._root, self._names)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -135,8 +136,10 @@ class WeightSharing(Callback):
                 progress.advance(task)
         _broadcast_codes(layers.values())
         if trainer is not None:
+            # Members of a cluster must share one optimizer history from now on.
             for optimizer in trainer.optimizers:
-                _reset_optimizer_state(optimizer, layers.values())
+                for layer in layers.values():
+                    zero_weight_state(optimizer, layer.weight)
         self.clustered = True
 
     @override
@@ -210,12 +213,3 @@ def _broadcast_codes(layers) -> None:
         broadcast_(layer.weight_code)
         broadcast_(layer.weight_codebook)
         C._write_weights(layer)
-
-
-@torch.no_grad()
-def _reset_optimizer_state(optimizer: torch.optim.Optimizer, layers) -> None:
-    """Zero per-weight optimizer state, so that the members of a cluster share one history from now on."""
-    for layer in layers:
-        for value in optimizer.state.get(layer.weight, {}).values():
-            if isinstance(value, torch.Tensor) and value.shape == layer.weight.shape:
-                value.zero_()

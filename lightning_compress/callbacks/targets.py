@@ -39,3 +39,12 @@ def resolve_targets(
 
 def first_match(name: str, globs: Iterable[str]) -> str | None:
     return next((glob for glob in globs if fnmatchcase(name, glob)), None)
+
+
+def lookup(root: nn.Module | None, names: list[str]) -> dict[str, nn.Module]:
+    """The modules called ``names`` under ``root``, looked up now.
+
+    Callbacks keep names, not module objects: a layer may be replaced after setup (a filter-pruned
+    checkpoint resizes layers before it loads).
+    """
+    return {name: root.get_submodule(name) for name in names} if root is not None else {}

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import broadcast_
+from ..optim_state import zero_weight_state
 
 
 class _StraightThroughMask(torch.autograd.Function):
@@ -161,12 +162,7 @@ def clear_pruned_optimizer_state(optimizer: torch.optim.Optimizer, modules: Iter
     zero for many steps (the fault that made Distiller's DNS revive weights it had pruned).
     """
     for module in modules:
-        state = optimizer.state.get(module.weight)
-        if not state:
-            continue
-        for value in state.values():
-            if isinstance(value, torch.Tensor) and value.shape == module.weight.shape:
-                value.masked_fill_(~module.weight_mask, 0)
+        zero_weight_state(optimizer, module.weight, ~module.weight_mask)
 
 
 def masked_modules(model: nn.Module) -> dict[str, nn.Module]:
