@@ -3,7 +3,7 @@
 The techniques arrive one by one; what is importable here is what is implemented.
 """
 
-from .callbacks import CompressionReport, IterativePruning, WeightSharing
+from .callbacks import CompressionReport, IterativePruning, TensorDecomposition, WeightSharing
 from .data import CIFAR10DataModule, DigitsDataModule
 from .methods import compression_report
 from .methods.sharing.packed import load_compressed, save_compressed
@@ -18,6 +18,7 @@ __all__ = [
     "DigitsDataModule",
     "ImageClassifier",
     "IterativePruning",
+    "TensorDecomposition",
     "WeightSharing",
     "compression_report",
     "create_model",

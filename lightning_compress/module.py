@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from .methods.decomposition import restore_factorized
 from .methods.pruning.channels import resize_to_state_dict
 from .models import create_model
 
@@ -104,6 +105,7 @@ class ImageClassifier(pl.LightningModule):
             # A compressed checkpoint starts a new run as plain weights: masks folded in, and layers
             # resized where filter pruning removed channels.
             state = fold_pruning_state(load_weights(weights))
+            restore_factorized(self.model, state)
             resize_to_state_dict(self.model, state)
             self.model.load_state_dict(state)
         if channels_last:
@@ -115,9 +117,11 @@ class ImageClassifier(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Runs before the checkpoint's state dict is loaded: a filter-pruned checkpoint has smaller
-        # layers than a freshly built model, which are resized here so that the load succeeds.
+        # layers than a freshly built model, a decomposed one has factor chains; both are rebuilt here
+        # so that the load succeeds.
         state = {k[len("model.") :]: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith("model.")}
-        if resize_to_state_dict(self.model, state) and self.hparams.channels_last:
+        restored = restore_factorized(self.model, state)
+        if (resize_to_state_dict(self.model, state) or restored) and self.hparams.channels_last:
             self.model.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from .pruning import IterativePruning
 from .report import CompressionReport
+from .decomposition import TensorDecomposition
 from .sharing import WeightSharing
 
-__all__ = ["CompressionReport", "IterativePruning", "WeightSharing"]
+__all__ = ["CompressionReport", "IterativePruning", "TensorDecomposition", "WeightSharing"]

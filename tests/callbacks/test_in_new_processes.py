@@ -66,3 +66,33 @@ def test_sharing_ddp_two_processes_share_identical_codebooks(tmp_path):
     assert any(k.endswith("weight_codebook") for k in keys)
     for key in keys:
         assert torch.equal(rank0["state"][key], rank1["state"][key]), key
+
+
+@pytest.mark.parametrize("epoch", [0, 1])
+def test_decomposition_resumes_in_a_new_process(tmp_path, epoch):
+    flags = ["--method", "decompose", "--decompose-epoch", str(epoch)]
+    _run(str(tmp_path / "full"), "--save-every-epoch", *flags)
+    ckpt = tmp_path / "full" / "ckpt" / "epoch=1.ckpt"  # after the factorization either way
+    saved = torch.load(ckpt, weights_only=True)
+    assert any(".core.weight" in k for k in saved["state_dict"])
+    _run(str(tmp_path / "resumed"), "--resume", str(ckpt), *flags)
+    full = torch.load(tmp_path / "full" / "rank0.pt", weights_only=False)
+    resumed = torch.load(tmp_path / "resumed" / "rank0.pt", weights_only=False)
+    assert full["history"] == resumed["history"]
+    assert any(method == "tucker" for _, method, _ in full["history"])
+    assert full["state"].keys() == resumed["state"].keys()
+    for key, value in full["state"].items():
+        assert torch.equal(value, resumed["state"][key]), key
+
+
+def test_decomposition_mid_fit_under_ddp_trains_identical_factors(tmp_path):
+    # Factorized at epoch 1 of 3: the DDP wrapper is rebuilt, so the new factors' gradients are
+    # all-reduced; without that the two processes' factors would drift apart on their own data shards.
+    _run(str(tmp_path), "--method", "decompose", "--decompose-epoch", "1", "--devices", "2", "--epochs", "3")
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    assert rank0["history"] == rank1["history"]
+    factors = [k for k in rank0["state"] if ".core." in k or ".reduce." in k or ".expand." in k]
+    assert factors
+    for key in rank0["state"]:
+        assert torch.equal(rank0["state"][key], rank1["state"][key]), key

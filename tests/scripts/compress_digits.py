@@ -1,7 +1,8 @@
 """Train digits_cnn with a compression callback; a script, so tests can use fresh processes and DDP.
 
-    python -m tests.scripts.compress_digits OUT_DIR [--method prune|share] [--epochs N] [--resume CKPT]
+    python -m tests.scripts.compress_digits OUT_DIR [--method prune|share|decompose] [--epochs N] [--resume CKPT]
                                                     [--devices N] [--save-every-epoch] [--rehabilitation]
+                                                    [--decompose-epoch N]
 
 Writes OUT_DIR/rank<r>.pt with the state dict before fit-end finalization (masks, codebooks) and the
 callback's state, for that rank.
@@ -16,7 +17,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_compress import DigitsDataModule, ImageClassifier, IterativePruning, WeightSharing
+from lightning_compress import DigitsDataModule, ImageClassifier, IterativePruning, TensorDecomposition, WeightSharing
 
 
 class SaveOutcome(pl.Callback):
@@ -25,8 +26,13 @@ class SaveOutcome(pl.Callback):
 
     def on_train_end(self, trainer, pl_module):  # before the callbacks finalize (on_fit_end)
         state = {k: v.detach().cpu().clone() for k, v in pl_module.model.state_dict().items()}
-        method = next(c for c in trainer.callbacks if isinstance(c, (IterativePruning, WeightSharing)))
-        history = method.history if isinstance(method, IterativePruning) else method.clustered
+        method = next(c for c in trainer.callbacks if isinstance(c, (IterativePruning, WeightSharing, TensorDecomposition)))
+        if isinstance(method, IterativePruning):
+            history = method.history
+        elif isinstance(method, WeightSharing):
+            history = method.clustered
+        else:
+            history = [(d.name, d.method, d.ranks) for d in method.plan]
         torch.save({"state": state, "history": history}, self.out / f"rank{trainer.global_rank}.pt")
 
 
@@ -38,7 +44,8 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--save-every-epoch", action="store_true")
     parser.add_argument("--rehabilitation", action="store_true")
-    parser.add_argument("--method", choices=["prune", "share"], default="prune")
+    parser.add_argument("--method", choices=["prune", "share", "decompose"], default="prune")
+    parser.add_argument("--decompose-epoch", type=int, default=1)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -48,8 +55,10 @@ def main() -> None:
             sparsity=0.8, schedule="agp", start_epoch=0, end_epoch=3, frequency=3, scope="global",
             rehabilitation=args.rehabilitation, criterion="magnitude",
         )
-    else:
+    elif args.method == "share":
         method = WeightSharing(bits=3, epoch=1)
+    else:
+        method = TensorDecomposition(method="tucker", rank="energy:0.8", epoch=args.decompose_epoch, rank_multiple=4)
     callbacks = [method, SaveOutcome(args.out)]
     if args.save_every_epoch:
         callbacks.append(ModelCheckpoint(dirpath=args.out / "ckpt", filename="{epoch}", save_top_k=-1))

@@ -1,0 +1,312 @@
+"""TensorDecomposition: one-shot Tucker-2 / CP of convolutions and SVD of linear layers, then fine-tuning."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+from torch import nn
+from typing_extensions import override
+
+from ..methods.decomposition import METHODS, LayerDecision, apply_plan, parse_rank, plan_decomposition
+from ..methods.decomposition.plan import METRICS, accepts, plan_from_state, plan_to_state, restore_factorized
+from .targets import compressible_root, resolve_targets
+
+
+class TensorDecomposition(Callback):
+    """Replace convolutions and linear layers by low-rank factorizations, once, then fine-tune them.
+
+    The factorized layers are chains of ordinary small layers (see
+    :mod:`lightning_compress.methods.decomposition.layers`): Tucker-2 ``1x1 -> KxK -> 1x1``, CP
+    ``1x1 -> Kx1 -> 1xK -> 1x1`` (depthwise middle), SVD ``in -> r -> out``. Ranks are rounded up to
+    multiples of ``rank_multiple`` (widths that tensor cores and vector units like), and a 1x1 stage
+    that would not save parameters is folded into its neighbour, so the network gets faster, not only
+    smaller.
+
+    When: ``epoch=0`` factorizes in ``setup``, before optimizers and the DDP wrapper exist (the usual
+    "decompose a trained model, then fine-tune"); ``epoch=N`` factorizes at the start of epoch N and then
+    rebuilds the optimizers (keeping the state of untouched parameters, the learning rate and the
+    scheduler's position) and, under DDP, the wrapper, so the new factors train on every process.
+
+    Rebuilding: the plan (method and ranks per layer, measured errors) is in the callback's state and
+    the checkpoint; the factorized structure is also recovered from the checkpoint's tensor shapes by a
+    load-state-dict pre-hook, so a resumed fit, ``trainer.test(ckpt_path=...)`` and
+    :meth:`TensorDecomposition.restore` (outside a Trainer) all rebuild it before the weights load.
+
+    Args:
+        method: ``"tucker"`` (Tucker-2 of KxK convs), ``"cp"`` (CP of KxK convs) or ``"svd"`` (Linear and
+            1x1 convs). Layers the method cannot factorize (grouped / depthwise convs, other kernels) are
+            kept and listed with the reason.
+        rank: int; float fraction of each mode; ``"energy:x"`` (smallest ranks keeping the fraction x of
+            each unfolding's Frobenius norm); ``"vbmf"``; ``"svt"`` or ``"svt:t"``. For CP a rule gives the
+            larger of the two channel-mode ranks, and a float is a fraction of the larger channel count.
+            An int above a mode's size is clamped to it, with a warning.
+        epoch: the epoch at whose start to factorize (0: in ``setup``).
+        targets: module-name globs; default every layer the method considers.
+        target_compression: instead of ``rank``, choose every layer's ranks together so that the whole
+            model has ``target_compression`` times fewer parameters (or MACs, see ``metric``) with the least
+            estimated reconstruction error per unit saved (Tucker and SVD).
+        metric: ``"params"`` or ``"macs"`` for ``target_compression`` (MACs need the data module's
+            ``input_shape`` or ``input_size``).
+        rank_multiple: round ranks up to a multiple of this (1: exact ranks).
+        n_iter_max: refinement sweeps (HOOI for Tucker, ALS for CP; None: the method's default).
+        input_size: ``(C, H, W)`` of one sample, for MACs; default the data module's ``input_shape``.
+        filename: JSON of the plan written to the logger's directory at fit end (None: none).
+        print_table: print the per-layer table (method, ranks, error, params and MACs) at fit end on rank 0.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_compress import DigitsDataModule, ImageClassifier, TensorDecomposition
+        >>> decomposition = TensorDecomposition(method="tucker", rank=0.5, targets=["features.3"], print_table=False)
+        >>> trainer = pl.Trainer(max_epochs=1, callbacks=[decomposition], logger=False, enable_checkpointing=False,
+        ...                      enable_progress_bar=False, enable_model_summary=False)
+        >>> module = ImageClassifier("digits_cnn", optimizer="adamw", lr=0.01)
+        >>> trainer.fit(module, datamodule=DigitsDataModule())
+        >>> type(module.model.features[3]).__name__, module.model.features[3].ranks
+        ('Factorized', (16, 8))
+    """
+
+    def __init__(
+        self,
+        method: str = "tucker",
+        rank: int | float | str = "energy:0.9",
+        epoch: int = 0,
+        targets: list[str] | None = None,
+        target_compression: float | None = None,
+        metric: str = "params",
+        rank_multiple: int = 8,
+        n_iter_max: int | None = None,
+        input_size: tuple[int, ...] | None = None,
+        filename: str | None = "decomposition.json",
+        print_table: bool = True,
+    ) -> None:
+        if method not in METHODS:
+            raise ValueError(f"method={method!r} is not known; valid: {', '.join(map(repr, METHODS))}")
+        parse_rank(rank)
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch={epoch!r} must be an integer >= 0 (0: factorize in setup)")
+        if target_compression is not None:
+            if not isinstance(target_compression, (int, float)) or isinstance(target_compression, bool) or not target_compression > 1:
+                raise ValueError(f"target_compression={target_compression!r} must be a number > 1 (times fewer {metric}) or None")
+            if method == "cp":
+                raise ValueError("target_compression works with method 'tucker' or 'svd', not 'cp' "
+                                 "(CP has no error estimate without running it); give a rank instead")
+        if metric not in METRICS:
+            raise ValueError(f"metric={metric!r} is not known; valid: {', '.join(map(repr, METRICS))}")
+        if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int) or rank_multiple < 1:
+            raise ValueError(f"rank_multiple={rank_multiple!r} must be an integer >= 1")
+        if n_iter_max is not None and n_iter_max < 1:
+            raise ValueError(f"n_iter_max={n_iter_max!r} must be >= 1 or None")
+        self.method = method
+        self.rank = rank
+        self.epoch = epoch
+        self.targets = list(targets) if targets is not None else None
+        self.target_compression = float(target_compression) if target_compression is not None else None
+        self.metric = metric
+        self.rank_multiple = rank_multiple
+        self.n_iter_max = n_iter_max
+        self.input_size = tuple(input_size) if input_size is not None else None
+        self.filename = filename
+        self.print_table = print_table
+        self.decomposed = False  # checkpointed
+        self.plan: list[LayerDecision] = []  # checkpointed
+        self._root: nn.Module | None = None
+        self._names: list[str] = []
+        self._hook = None
+
+    # ------------------------------------------------------------------ structure
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        root = compressible_root(pl_module)
+        self._root = root
+        self._names = resolve_targets(root, self.targets, accepts(self.method), f"layer that {self.method!r} considers")
+        if self._hook is None:
+            # Before any checkpoint loads into the module, give it the checkpoint's factorized shapes.
+            prefix = next(name for name, module in pl_module.named_modules() if module is root)
+            prefix = prefix + "." if prefix else ""
+
+            def restore_shapes(module, state_dict, *args, **kwargs) -> None:
+                restore_factorized(root, state_dict, prefix)
+
+            self._hook = pl_module.register_load_state_dict_pre_hook(restore_shapes)
+        if stage == "fit" and self.epoch == 0 and not self.decomposed:
+            self.decompose(trainer, pl_module)
+
+    def _example(self, trainer: pl.Trainer | None, root: nn.Module) -> torch.Tensor | None:
+        size = self.input_size
+        if size is None and trainer is not None:
+            size = getattr(trainer.datamodule, "input_shape", None) if trainer.datamodule is not None else None
+        if size is None:
+            return None
+        parameter = next(root.parameters())
+        return torch.zeros(1, *size, device=parameter.device, dtype=parameter.dtype)
+
+    @torch.no_grad()
+    def decompose(self, trainer: pl.Trainer | None, pl_module: nn.Module) -> list[LayerDecision]:
+        """Plan the ranks from the current weights and factorize; the same plan on every process."""
+        root = compressible_root(pl_module)
+        if self._root is None:
+            self._root = root
+            self._names = resolve_targets(root, self.targets, accepts(self.method), f"layer that {self.method!r} considers")
+        example = self._example(trainer, root)
+        if self.metric == "macs" and example is None:
+            raise ValueError("metric='macs' needs input_size=(C, H, W) or a data module with an input_shape")
+        plan = plan_decomposition(root, self._names, self.method, self.rank, self.rank_multiple,
+                                  self.target_compression, self.metric, example)
+        if trainer is not None:
+            # Ranks decide shapes: every process must build the same ones (DDP then syncs the values).
+            plan = plan_from_state(trainer.strategy.broadcast(plan_to_state(plan), src=0))
+        quiet = (trainer is not None and trainer.global_rank != 0) or not Console().is_terminal
+        with Progress(transient=True, disable=quiet) as progress:
+            task = progress.add_task(f"TensorDecomposition: {self.method}", total=sum(d.method != "skip" for d in plan))
+            apply_plan(root, plan, from_weights=True, n_iter_max=self.n_iter_max, progress=lambda _: progress.advance(task))
+        self.plan, self.decomposed = plan, True
+        self._announce(trainer)
+        return plan
+
+    def _announce(self, trainer: pl.Trainer | None) -> None:
+        done = [d for d in self.plan if d.method != "skip"]
+        before = sum(d.params_before for d in self.plan)
+        after = sum(d.params_after for d in self.plan)
+        rank_zero_info(
+            f"TensorDecomposition: {len(done)} of {len(self.plan)} layers factorized ({self.method}), "
+            f"their parameters {before:,} -> {after:,} ({before / max(after, 1):.2f}x)"
+        )
+        if trainer is not None and trainer.logger is not None and trainer.global_rank == 0:
+            metrics = {
+                "decomposition/layers": float(len(done)),
+                "decomposition/params_before": float(before),
+                "decomposition/params_after": float(after),
+                "decomposition/layer_compression": before / max(after, 1),
+            }
+            errors = [d.error for d in done if d.error is not None]
+            if errors:
+                metrics["decomposition/mean_error"] = sum(errors) / len(errors)
+            trainer.logger.log_metrics(metrics, step=trainer.global_step)
+
+    # ------------------------------------------------------------------ mid-fit factorization
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.decomposed or trainer.current_epoch < self.epoch:
+            return
+        strategy = trainer.strategy
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapped = isinstance(strategy.model, DistributedDataParallel)
+        if not wrapped and strategy.model is not pl_module:
+            raise RuntimeError(
+                f"TensorDecomposition(epoch={self.epoch}) factorizes during fit on single-device and DDP "
+                f"strategies; {type(strategy).__name__} wraps the model otherwise. Use epoch=0."
+            )
+        self.decompose(trainer, pl_module)
+        _rebuild_optimizers(trainer)
+        if wrapped:
+            # The old wrapper's reducer knows only the old parameters; a new one registers the factors
+            # and broadcasts rank 0's values.
+            strategy.model = strategy.model.module
+            strategy.configure_ddp()
+
+    # ------------------------------------------------------------------ reporting and state
+
+    def table(self) -> Table:
+        table = Table(title=f"TensorDecomposition ({self.method})")
+        for column in ("layer", "method", "ranks", "error", "params before", "params after", "MACs before", "MACs after", "note"):
+            table.add_column(column, justify="left" if column in ("layer", "method", "note") else "right")
+        for d in self.plan:
+            table.add_row(
+                d.name, d.method, "x".join(map(str, d.ranks)) or "-",
+                f"{d.error:.3f}" if d.error is not None else "-",
+                f"{d.params_before:,}", f"{d.params_after:,}",
+                f"{d.macs_before:,}" if d.macs_before is not None else "-",
+                f"{d.macs_after:,}" if d.macs_after is not None else "-",
+                d.note,
+            )
+        return table
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.plan:
+            return
+        self._write(trainer)
+
+    @rank_zero_only
+    def _write(self, trainer: pl.Trainer) -> None:
+        if self.print_table:
+            Console(width=None if Console().is_terminal else 160).print(self.table())
+        if self.filename and trainer.logger is not None and trainer.log_dir:
+            path = Path(trainer.log_dir) / self.filename
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"method": self.method, "layers": plan_to_state(self.plan)}, indent=2))
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"decomposed": self.decomposed, "plan": plan_to_state(self.plan)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.decomposed = state_dict["decomposed"]
+        self.plan = plan_from_state(state_dict["plan"])
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    @staticmethod
+    def restore(model: nn.Module, checkpoint: str | Path | dict[str, Any]) -> nn.Module:
+        """Load a checkpoint written during or after decomposition into a fresh (dense) ``model``.
+
+        ``model`` is the LightningModule (or the bare network, for a checkpoint of one). The factorized
+        layers are rebuilt first, from the callback's recorded plan when the checkpoint has one, else
+        from the tensor shapes; then the weights load. Returns ``model``.
+        """
+        if not isinstance(checkpoint, dict):
+            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        state = checkpoint.get("state_dict", checkpoint)
+        root = compressible_root(model)
+        prefix = next(name for name, module in model.named_modules() if module is root)
+        prefix = prefix + "." if prefix else ""
+        for key, value in (checkpoint.get("callbacks") or {}).items():
+            if key.startswith("TensorDecomposition") and isinstance(value, dict) and value.get("decomposed"):
+                apply_plan(root, plan_from_state(value["plan"]), from_weights=False)
+        restore_factorized(root, state, prefix)
+        model.load_state_dict(state)
+        return model
+
+
+def _rebuild_optimizers(trainer: pl.Trainer) -> None:
+    """New optimizers and schedulers from ``configure_optimizers``, at the point the old ones reached.
+
+    Parameters that survived the swap keep their optimizer state (momentum, Adam moments); the learning
+    rates and the schedulers' positions are carried over, so a cosine schedule goes on, not restarts.
+    """
+    old_state = {p: s for optimizer in trainer.optimizers for p, s in optimizer.state.items()}
+    old_lrs = [[group["lr"] for group in optimizer.param_groups] for optimizer in trainer.optimizers]
+    old_schedulers = [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs]
+    trainer.strategy.setup_optimizers(trainer)
+    for optimizer, lrs in zip(trainer.optimizers, old_lrs):
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p in old_state:
+                    optimizer.state[p] = old_state[p]
+        if len(lrs) == len(optimizer.param_groups):
+            for group, lr in zip(optimizer.param_groups, lrs):
+                group["lr"] = lr
+    if len(old_schedulers) == len(trainer.lr_scheduler_configs):
+        for config, state in zip(trainer.lr_scheduler_configs, old_schedulers):
+            config.scheduler.load_state_dict(state)
+    else:
+        rank_zero_warn("TensorDecomposition: configure_optimizers returned a different number of schedulers; "
+                       "the new ones start from their beginning")
