@@ -3,7 +3,13 @@
 The techniques arrive one by one; what is importable here is what is implemented.
 """
 
-from .callbacks import CompressionReport, IterativePruning, TensorDecomposition, WeightSharing
+from .callbacks import (
+    CompressionReport,
+    IterativePruning,
+    QuantizationAwareTraining,
+    TensorDecomposition,
+    WeightSharing,
+)
 from .data import CIFAR10DataModule, DigitsDataModule
 from .methods import compression_report
 from .methods.sharing.packed import load_compressed, save_compressed
@@ -18,6 +24,7 @@ __all__ = [
     "DigitsDataModule",
     "ImageClassifier",
     "IterativePruning",
+    "QuantizationAwareTraining",
     "TensorDecomposition",
     "WeightSharing",
     "compression_report",

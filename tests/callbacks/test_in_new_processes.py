@@ -96,3 +96,26 @@ def test_decomposition_mid_fit_under_ddp_trains_identical_factors(tmp_path):
     assert factors
     for key in rank0["state"]:
         assert torch.equal(rank0["state"][key], rank1["state"][key]), key
+
+
+def test_qat_resumes_in_a_new_process_with_its_observer_state(tmp_path):
+    _run(str(tmp_path / "full"), "--method", "quantize", "--save-every-epoch")
+    ckpt = tmp_path / "full" / "ckpt" / "epoch=1.ckpt"
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["state_dict"]["model.features.3.activation_observed"]
+    _run(str(tmp_path / "resumed"), "--method", "quantize", "--resume", str(ckpt))
+    full = torch.load(tmp_path / "full" / "rank0.pt", weights_only=False)
+    resumed = torch.load(tmp_path / "resumed" / "rank0.pt", weights_only=False)
+    for key, value in full["state"].items():
+        assert torch.equal(value, resumed["state"][key]), key
+
+
+def test_qat_ddp_two_processes_use_identical_activation_ranges(tmp_path):
+    # Each process sees its own shard; the ranges are all-reduced, so the scales agree everywhere.
+    _run(str(tmp_path), "--method", "quantize", "--devices", "2", "--epochs", "2")
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    ranges = [k for k in rank0["state"] if k.endswith(("activation_min", "activation_max"))]
+    assert ranges
+    for key in rank0["state"]:
+        assert torch.equal(rank0["state"][key], rank1["state"][key]), key

@@ -1,6 +1,6 @@
 """Train digits_cnn with a compression callback; a script, so tests can use fresh processes and DDP.
 
-    python -m tests.scripts.compress_digits OUT_DIR [--method prune|share|decompose] [--epochs N] [--resume CKPT]
+    python -m tests.scripts.compress_digits OUT_DIR [--method prune|share|decompose|quantize] [--epochs N] [--resume CKPT]
                                                     [--devices N] [--save-every-epoch] [--rehabilitation]
                                                     [--decompose-epoch N]
 
@@ -17,7 +17,14 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_compress import DigitsDataModule, ImageClassifier, IterativePruning, TensorDecomposition, WeightSharing
+from lightning_compress import (
+    DigitsDataModule,
+    ImageClassifier,
+    IterativePruning,
+    QuantizationAwareTraining,
+    TensorDecomposition,
+    WeightSharing,
+)
 
 
 class SaveOutcome(pl.Callback):
@@ -26,8 +33,11 @@ class SaveOutcome(pl.Callback):
 
     def on_train_end(self, trainer, pl_module):  # before the callbacks finalize (on_fit_end)
         state = {k: v.detach().cpu().clone() for k, v in pl_module.model.state_dict().items()}
-        method = next(c for c in trainer.callbacks if isinstance(c, (IterativePruning, WeightSharing, TensorDecomposition)))
-        if isinstance(method, IterativePruning):
+        kinds = (IterativePruning, WeightSharing, TensorDecomposition, QuantizationAwareTraining)
+        method = next(c for c in trainer.callbacks if isinstance(c, kinds))
+        if isinstance(method, QuantizationAwareTraining):
+            history = method.calibrated
+        elif isinstance(method, IterativePruning):
             history = method.history
         elif isinstance(method, WeightSharing):
             history = method.clustered
@@ -44,7 +54,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--save-every-epoch", action="store_true")
     parser.add_argument("--rehabilitation", action="store_true")
-    parser.add_argument("--method", choices=["prune", "share", "decompose"], default="prune")
+    parser.add_argument("--method", choices=["prune", "share", "decompose", "quantize"], default="prune")
     parser.add_argument("--decompose-epoch", type=int, default=1)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -57,6 +67,8 @@ def main() -> None:
         )
     elif args.method == "share":
         method = WeightSharing(bits=3, epoch=1)
+    elif args.method == "quantize":
+        method = QuantizationAwareTraining(weight_bits=4, activation_bits=8, freeze_observers_epoch=2)
     else:
         method = TensorDecomposition(method="tucker", rank="energy:0.8", epoch=args.decompose_epoch, rank_multiple=4)
     callbacks = [method, SaveOutcome(args.out)]

@@ -1,0 +1,218 @@
+"""QuantizationAwareTraining: fake-quant QAT with a straight-through estimator, or PTQ calibration."""
+
+from __future__ import annotations
+
+from itertools import islice
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from typing_extensions import override
+
+from ..methods.quantization import ROUNDINGS, Format, calibrate, can_quantize, dequantize_layer, quantize_layer
+from ..methods.quantization.formats import check_bits, check_fixed_point, check_scheme
+from .targets import compressible_root, lookup, resolve_targets
+
+MODES = ("qat", "ptq")
+
+
+class QuantizationAwareTraining(Callback):
+    """Fake-quantize the weights and input activations of Conv2d / Linear layers while training (QAT),
+    or only calibrate the activation ranges on training batches without any update (PTQ).
+
+    The layers are swapped in place in ``setup`` (same Parameter objects, so optimizers and DDP are
+    untouched); scales come from the weights (per output channel by default) and from an exponential
+    moving average of each layer's input min / max, kept in buffers that travel in checkpoints and are
+    synchronized across DDP processes. Quantization runs in fp32 also under bf16 autocast.
+
+    Args:
+        weight_bits: 1..16 (1 needs ``scheme="binary"``).
+        activation_bits: 1..16, or None to leave activations in floating point.
+        scheme: ``"affine"`` (weights symmetric, activations affine with a zero point), ``"symmetric"``
+            (both with zero point 0), ``"fixed_point"`` (``<IL, FL>`` formats, Gupta et al. 2015) or
+            ``"binary"`` (BinaryConnect weights: the sign of the full-precision weight, which is what the
+            optimizer updates and which is clipped to [-1, 1]).
+        per_channel: one weight scale per output channel (else per tensor).
+        mode: ``"qat"`` trains with fake quantization; ``"ptq"`` calibrates on ``calibration_batches``
+            training batches at the start of fit and stops (run ``test`` / ``validate`` for the accuracy).
+        start_epoch: epoch from which fake quantization is on (QAT).
+        freeze_observers_epoch: from this epoch the activation ranges stop moving (None: never).
+        freeze_bn_epoch: from this epoch BatchNorm uses and keeps its running statistics (None: never).
+        calibration_batches: batches seen by PTQ calibration.
+        fixed_point: ``(IL, FL)`` of the weights for ``scheme="fixed_point"`` (IL + FL = weight_bits;
+            default IL 1: weights in [-1, 1)).
+        activation_fixed_point: ``(IL, FL)`` of the activations (default IL = activation_bits // 2).
+        rounding: ``"nearest"`` or ``"stochastic"`` (fixed-point rounding; stochastic binarization).
+        binary_activations: with ``scheme="binary"``, binarize activations too (BNN); the first layer's
+            input (the image) stays in floating point.
+        momentum: of the activation range's moving average.
+        targets: module-name globs; default every Conv2d and Linear.
+        fold_at_end: at fit end bake the quantized weights into plain layers (the state dict loads into
+            the original architecture) and drop the buffers.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_compress import DigitsDataModule, ImageClassifier, QuantizationAwareTraining
+        >>> qat = QuantizationAwareTraining(weight_bits=4, activation_bits=8)
+        >>> trainer = pl.Trainer(max_epochs=1, callbacks=[qat], logger=False, enable_checkpointing=False,
+        ...                      enable_progress_bar=False, enable_model_summary=False)
+        >>> module = ImageClassifier("digits_cnn", optimizer="adamw", lr=0.01)
+        >>> trainer.fit(module, datamodule=DigitsDataModule())
+        >>> int(module.model.features[3].weight_bits), type(module.model.features[3]).__name__
+        (4, 'QuantConv2d')
+    """
+
+    def __init__(
+        self,
+        weight_bits: int = 8,
+        activation_bits: int | None = 8,
+        scheme: str = "affine",
+        per_channel: bool = True,
+        mode: str = "qat",
+        start_epoch: int = 0,
+        freeze_observers_epoch: int | None = None,
+        freeze_bn_epoch: int | None = None,
+        calibration_batches: int = 32,
+        fixed_point: tuple[int, int] | None = None,
+        activation_fixed_point: tuple[int, int] | None = None,
+        rounding: str = "nearest",
+        binary_activations: bool = False,
+        momentum: float = 0.1,
+        targets: list[str] | None = None,
+        fold_at_end: bool = False,
+    ) -> None:
+        check_bits("weight_bits", weight_bits)
+        check_bits("activation_bits", activation_bits, allow_none=True)
+        check_scheme(scheme, weight_bits)
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} is not known; valid: {', '.join(map(repr, MODES))}")
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"rounding={rounding!r} is not known; valid: {', '.join(map(repr, ROUNDINGS))}")
+        for name, value in (("start_epoch", start_epoch), ("freeze_observers_epoch", freeze_observers_epoch),
+                            ("freeze_bn_epoch", freeze_bn_epoch)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name}={value!r} must be an integer >= 0" + ("" if name == "start_epoch" else " or None"))
+        if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
+            raise ValueError(f"calibration_batches={calibration_batches!r} must be an integer >= 1")
+        if not 0 < momentum <= 1:
+            raise ValueError(f"momentum={momentum!r} must be in (0, 1]")
+        if binary_activations and scheme != "binary":
+            raise ValueError(f"binary_activations=True needs scheme='binary', got scheme={scheme!r}")
+        if scheme == "binary" and mode == "ptq":
+            raise ValueError("scheme='binary' trains the sign of full-precision weights: use mode='qat'")
+        if scheme == "fixed_point":
+            fixed_point = check_fixed_point("fixed_point", fixed_point, weight_bits) or (1, weight_bits - 1)
+            if activation_bits is not None:
+                activation_fixed_point = check_fixed_point("activation_fixed_point", activation_fixed_point, activation_bits) or (
+                    max(1, activation_bits // 2), activation_bits - max(1, activation_bits // 2))
+        elif fixed_point is not None or activation_fixed_point is not None:
+            raise ValueError(f"fixed_point / activation_fixed_point apply to scheme='fixed_point', not {scheme!r}")
+        self.weight_bits = weight_bits
+        self.activation_bits = activation_bits
+        self.scheme = scheme
+        self.per_channel = per_channel
+        self.mode = mode
+        self.start_epoch = start_epoch
+        self.freeze_observers_epoch = freeze_observers_epoch
+        self.freeze_bn_epoch = freeze_bn_epoch
+        self.calibration_batches = calibration_batches
+        self.fixed_point = tuple(fixed_point) if fixed_point else None
+        self.activation_fixed_point = tuple(activation_fixed_point) if activation_fixed_point else None
+        self.rounding = rounding
+        self.binary_activations = binary_activations
+        self.momentum = momentum
+        self.targets = list(targets) if targets is not None else None
+        self.fold_at_end = fold_at_end
+        self.calibrated = False  # checkpointed (PTQ)
+        self._root: nn.Module | None = None
+        self._names: list[str] = []
+
+    def weight_format(self) -> Format:
+        if self.scheme == "fixed_point":
+            return Format(self.weight_bits, "fixed_point", self.fixed_point[0], self.rounding)
+        if self.scheme == "binary":
+            return Format(1, "binary", rounding=self.rounding)
+        return Format(self.weight_bits, "symmetric")
+
+    def activation_format(self, first: bool) -> Format | None:
+        if self.activation_bits is None:
+            return None
+        if self.scheme == "fixed_point":
+            return Format(self.activation_bits, "fixed_point", self.activation_fixed_point[0], self.rounding)
+        if self.scheme == "binary" and self.binary_activations and not first:
+            return Format(1, "binary", rounding=self.rounding)
+        return Format(self.activation_bits, "symmetric" if self.scheme == "symmetric" else "affine")
+
+    @property
+    def _layers(self) -> dict[str, nn.Module]:
+        return lookup(self._root, self._names)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        root = compressible_root(pl_module)
+        self._root = root
+        self._names = resolve_targets(root, self.targets, can_quantize, "Conv2d/Linear layer")
+        # Before any checkpoint loads: its scales and ranges fill these buffers.
+        for index, (name, layer) in enumerate(self._layers.items()):
+            quantize_layer(layer, self.weight_format(), self.activation_format(first=index == 0), self.momentum,
+                           self.per_channel)
+
+    def _set_flags(self, epoch: int) -> None:
+        observing = self.mode == "qat" and (self.freeze_observers_epoch is None or epoch < self.freeze_observers_epoch)
+        for layer in self._layers.values():
+            layer.quant_enabled = self.mode == "ptq" or epoch >= self.start_epoch
+            layer.observing = observing
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.mode != "ptq":
+            return
+        if not self.calibrated:
+            def forward(model, batch):
+                images, _ = trainer.strategy.batch_to_device(batch)
+                model(images)
+
+            seen = calibrate(pl_module, islice(trainer.train_dataloader, self.calibration_batches), forward)
+            self.calibrated = True
+            rank_zero_info(f"QuantizationAwareTraining: PTQ calibrated {len(self._names)} layers on {seen} batches")
+        self._set_flags(0)
+        trainer.should_stop = True  # PTQ changes no weight: nothing to train
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._set_flags(trainer.current_epoch)
+        if trainer.current_epoch == self.start_epoch and self.mode == "qat":
+            rank_zero_info(f"QuantizationAwareTraining: fake quantization on in {len(self._names)} layers "
+                           f"(weights {self.weight_format().bits} bits, activations {self.activation_bits})")
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        if self.freeze_bn_epoch is not None and trainer.current_epoch >= self.freeze_bn_epoch:
+            # Each batch: Lightning sets the module back to train mode after validation.
+            for module in pl_module.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if self.scheme == "binary":
+            with torch.no_grad():  # BinaryConnect: the real-valued weights stay in [-1, 1]
+                for layer in self._layers.values():
+                    layer.weight.clamp_(-1, 1)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.fold_at_end:
+            for layer in self._layers.values():
+                dequantize_layer(layer)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"calibrated": self.calibrated}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.calibrated = state_dict["calibrated"]

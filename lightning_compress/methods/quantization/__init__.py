@@ -1,0 +1,27 @@
+"""Fake-quant layers (affine, symmetric, fixed-point, binary) with a straight-through estimator."""
+
+from .formats import ROUNDINGS, SCHEMES, Format
+from .layers import (
+    QuantConv2d,
+    QuantLinear,
+    calibrate,
+    can_quantize,
+    dequantize_layer,
+    is_quantized,
+    quantize_layer,
+    quantized_layers,
+)
+
+__all__ = [
+    "Format",
+    "QuantConv2d",
+    "QuantLinear",
+    "ROUNDINGS",
+    "SCHEMES",
+    "calibrate",
+    "can_quantize",
+    "dequantize_layer",
+    "is_quantized",
+    "quantize_layer",
+    "quantized_layers",
+]

@@ -1,0 +1,189 @@
+"""Conv2d / Linear layers that fake-quantize their weights and input activations, swapped in place.
+
+``quantize_layer`` changes a layer's class (the way pruning masks do), so the layer keeps its
+Parameter objects: an optimizer built before the swap still trains it, and the weight keys of the
+state dict do not change. What quantization learns lives in buffers that travel in checkpoints:
+
+* ``weight_bits``: bits per stored weight (the compression report reads it);
+* ``activation_min`` / ``activation_max``: the input range seen so far, an exponential moving
+  average of each batch's min and max (taken over all DDP processes, so every process uses the same
+  scale); ``activation_observed`` says whether any batch was seen.
+
+Python flags set by the callback: ``quant_enabled`` (fake-quant on or off: QAT can start late) and
+``observing`` (update the activation range; frozen later in training and after calibration).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..distributed import is_distributed
+from .fake_quant import binarize, fake_quantize, fixed_point, minmax_scale
+from .formats import Format
+
+
+class _QuantizedMixin:
+    weight_format: Format
+    activation_format: Format | None
+    momentum: float
+    per_channel: bool
+    quant_enabled: bool
+    observing: bool
+
+    @torch.no_grad()
+    def _observe(self, x: torch.Tensor) -> None:
+        lo, hi = x.detach().float().amin(), x.detach().float().amax()
+        if is_distributed():
+            stats = torch.stack([-lo, hi])
+            dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+            lo, hi = -stats[0], stats[1]
+        if not bool(self.activation_observed):
+            self.activation_min.copy_(lo)
+            self.activation_max.copy_(hi)
+            self.activation_observed.fill_(True)
+        else:
+            self.activation_min.lerp_(lo, self.momentum)
+            self.activation_max.lerp_(hi, self.momentum)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        fmt = self.activation_format
+        if fmt is None:
+            return x
+        if fmt.scheme == "binary":
+            return binarize(x, fmt.rounding == "stochastic").to(x.dtype)
+        if fmt.scheme == "fixed_point":
+            return fixed_point(x, fmt).to(x.dtype)
+        if self.observing and self.training:
+            self._observe(x)
+        if not bool(self.activation_observed):
+            return x  # nothing seen yet (a forward in eval mode before any calibration)
+        scale, zero_point = self.activation_scale_zero_point()
+        return fake_quantize(x, scale, zero_point, fmt, signed=fmt.scheme == "symmetric").to(x.dtype)
+
+    def activation_scale_zero_point(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return minmax_scale(self.activation_min, self.activation_max, self.activation_format,
+                            signed=self.activation_format.scheme == "symmetric")
+
+    def weight_scale_zero_point(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Symmetric (zero point 0, what int8 weight kernels expect), per output channel or per tensor."""
+        w = self.weight.detach().float().reshape(self.weight.shape[0], -1)
+        if not self.per_channel:
+            w = w.reshape(1, -1)
+        return minmax_scale(w.amin(1), w.amax(1), self.weight_format, signed=True)
+
+    def quantized_weight(self) -> torch.Tensor:
+        fmt, w = self.weight_format, self.weight
+        if fmt.scheme == "binary":
+            return binarize(w, fmt.rounding == "stochastic")
+        if fmt.scheme == "fixed_point":
+            return fixed_point(w, fmt)
+        scale, zero_point = self.weight_scale_zero_point()
+        return fake_quantize(w, scale, zero_point, fmt, signed=True, axis=0 if self.per_channel else None)
+
+    def _inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.quant_enabled:
+            return x, self.weight
+        # Quantize in fp32 (also under bf16 autocast); the layer then computes as autocast decides.
+        return self.quantize_input(x), self.quantized_weight().to(self.weight.dtype)
+
+    def compression_stats(self) -> dict[str, Any]:
+        return {"note": f"{self.weight_format.scheme} w{self.weight_format.bits}"
+                        + (f"/a{self.activation_format.bits}" if self.activation_format else "")}
+
+
+class QuantConv2d(_QuantizedMixin, nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, weight = self._inputs(x)
+        return self._conv_forward(x, weight, self.bias)
+
+
+class QuantLinear(_QuantizedMixin, nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, weight = self._inputs(x)
+        return F.linear(x, weight, self.bias)
+
+
+_QUANTIZED = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
+
+
+def is_quantized(module: nn.Module) -> bool:
+    return isinstance(module, _QuantizedMixin)
+
+
+def can_quantize(module: nn.Module) -> bool:
+    return type(module) in _QUANTIZED or is_quantized(module)
+
+
+def quantize_layer(module: nn.Module, weight_format: Format, activation_format: Format | None,
+                   momentum: float = 0.1, per_channel: bool = True) -> nn.Module:
+    """Make ``module`` (a Conv2d or Linear) fake-quantize, in place; idempotent (formats are updated)."""
+    if not is_quantized(module):
+        cls = _QUANTIZED.get(type(module))
+        if cls is None:
+            raise TypeError(f"cannot quantize a {type(module).__name__}: supported are Conv2d and Linear "
+                            "(a pruned layer must have its masks folded first)")
+        module.__class__ = cls
+        device = module.weight.device
+        module.register_buffer("weight_bits", torch.tensor(weight_format.bits, device=device))
+        module.register_buffer("activation_min", torch.zeros((), device=device))
+        module.register_buffer("activation_max", torch.zeros((), device=device))
+        module.register_buffer("activation_observed", torch.zeros((), dtype=torch.bool, device=device))
+        module.quant_enabled = True
+        module.observing = True
+    module.weight_bits.fill_(weight_format.bits)
+    module.weight_format = weight_format
+    module.activation_format = activation_format
+    module.momentum = momentum
+    module.per_channel = per_channel
+    return module
+
+
+def dequantize_layer(module: nn.Module) -> nn.Module:
+    """Back to a plain Conv2d / Linear with the fake-quantized weight baked in (what was trained is
+    what is kept); the quantization buffers are dropped. In place."""
+    if not is_quantized(module):
+        return module
+    with torch.no_grad():
+        module.weight.copy_(module.quantized_weight().to(module.weight.dtype))
+    for name in ("weight_bits", "activation_min", "activation_max", "activation_observed"):
+        module._buffers.pop(name, None)
+    module.__class__ = nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Linear
+    return module
+
+
+def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in model.named_modules() if is_quantized(m)}
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches, forward=None) -> int:
+    """PTQ: run ``batches`` through ``model`` in eval mode with the activation observers on, then freeze
+    them; no weight or BatchNorm statistic changes. Returns the number of batches seen.
+
+    ``forward(model, batch)`` runs one batch (default: ``model(batch[0])`` for (inputs, labels) pairs).
+    """
+    layers = quantized_layers(model).values()
+    was_training = model.training
+    model.eval()
+    for layer in layers:
+        layer.observing = True
+        layer.training = True  # observers update in "training" mode only; BatchNorm stays in eval
+    seen = 0
+    try:
+        for batch in batches:
+            if forward is not None:
+                forward(model, batch)
+            else:
+                model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+            seen += 1
+    finally:
+        for layer in layers:
+            layer.observing = False
+            layer.training = was_training
+        model.train(was_training)
+    return seen

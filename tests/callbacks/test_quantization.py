@@ -1,0 +1,145 @@
+from __future__ import annotations
+
+import doctest
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+
+from lightning_compress import DigitsDataModule, ImageClassifier, QuantizationAwareTraining, compression_report
+from lightning_compress.callbacks import quantization as quantization_module
+from lightning_compress.methods.quantization import is_quantized
+
+
+def _trainer(callbacks, max_epochs=2, **kwargs):
+    kwargs.setdefault("logger", False)
+    kwargs.setdefault("enable_checkpointing", False)
+    return pl.Trainer(accelerator="cpu", max_epochs=max_epochs, callbacks=callbacks, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0, **kwargs)
+
+
+def _module(**kwargs):
+    pl.seed_everything(0)
+    return ImageClassifier("digits_cnn", optimizer="adamw", lr=0.01, **kwargs)
+
+
+def test_docstring_example_runs():
+    assert doctest.testmod(quantization_module, raise_on_error=True).attempted > 0
+
+
+def test_qat_int8_trains_and_the_report_sees_8_bits():
+    qat = QuantizationAwareTraining(weight_bits=8, activation_bits=8)
+    module = _module()
+    trainer = _trainer([qat], max_epochs=3)
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=64))
+    assert trainer.callback_metrics["val/acc"] > 0.85
+    layers = [m for m in module.model.modules() if is_quantized(m)]
+    assert len(layers) == 4 and all(bool(m.activation_observed) for m in layers)
+    report = compression_report(module.model, input_size=(1, 8, 8))
+    assert report.bits_per_weight == 8 and report.compression_ratio > 3
+
+
+def test_ptq_calibrates_without_changing_weights_and_stops():
+    module = _module()
+    _trainer([], max_epochs=2).fit(module, datamodule=DigitsDataModule(batch_size=64))
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    ptq = QuantizationAwareTraining(weight_bits=8, activation_bits=8, mode="ptq", calibration_batches=4)
+    trainer = _trainer([ptq], max_epochs=5)
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=64))
+    after = module.state_dict()
+    assert trainer.global_step == 0 and ptq.calibrated
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), key
+    assert all(bool(m.activation_observed) for m in module.model.modules() if is_quantized(m))
+    acc = trainer.test(module, datamodule=DigitsDataModule(batch_size=64), verbose=False)[0]["test/acc"]
+    assert acc > 0.8
+
+
+def test_start_epoch_and_frozen_observers():
+    seen = {}
+
+    class Watch(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            layer = pl_module.model.features[3]
+            seen[trainer.current_epoch] = (layer.quant_enabled, layer.activation_max.item())
+
+    qat = QuantizationAwareTraining(weight_bits=4, start_epoch=1, freeze_observers_epoch=2)
+    _trainer([qat, Watch()], max_epochs=4).fit(_module(), datamodule=DigitsDataModule(batch_size=64))
+    assert seen[0] == (False, 0.0)  # off, nothing observed
+    assert seen[1][0] and seen[1][1] > 0
+    assert seen[2][1] == seen[3][1]  # frozen from epoch 2
+
+
+def test_binary_weights_stay_clipped_and_forward_uses_signs():
+    qat = QuantizationAwareTraining(weight_bits=1, activation_bits=None, scheme="binary")
+    module = _module()
+    _trainer([qat], max_epochs=1).fit(module, datamodule=DigitsDataModule(batch_size=64))
+    layer = module.model.features[3]
+    assert layer.weight.abs().max() <= 1
+    assert set(layer.quantized_weight().unique().tolist()) <= {-1.0, 1.0}
+    assert int(layer.weight_bits) == 1
+
+
+def test_fixed_point_scheme_with_stochastic_rounding_trains():
+    qat = QuantizationAwareTraining(weight_bits=8, activation_bits=8, scheme="fixed_point", fixed_point=(2, 6),
+                                    rounding="stochastic")
+    module = _module()
+    trainer = _trainer([qat], max_epochs=2)
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=64))
+    layer = module.model.features[3]
+    assert layer.weight_format.integer_bits == 2
+    assert trainer.callback_metrics["val/acc"] > 0.5
+
+
+def test_bf16_mixed_training():
+    qat = QuantizationAwareTraining(weight_bits=8, activation_bits=8)
+    trainer = _trainer([qat], max_epochs=1, precision="bf16-mixed")
+    trainer.fit(_module(), datamodule=DigitsDataModule(batch_size=64))
+    assert torch.isfinite(torch.tensor(trainer.callback_metrics["val/loss"]))
+
+
+def test_test_with_ckpt_path_rebuilds_the_fake_quant_layers(tmp_path):
+    qat = QuantizationAwareTraining(weight_bits=4, activation_bits=8)
+    module = _module()
+    data = DigitsDataModule(batch_size=64)
+    trainer = _trainer([qat, ModelCheckpoint(dirpath=tmp_path, filename="last")], max_epochs=2, enable_checkpointing=True)
+    trainer.fit(module, datamodule=data)
+    expected = trainer.test(module, datamodule=data, verbose=False)[0]["test/acc"]
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
+    assert "model.features.3.activation_max" in saved
+    fresh = _module()
+    got = _trainer([QuantizationAwareTraining(weight_bits=4, activation_bits=8)]).test(
+        fresh, datamodule=data, ckpt_path=str(tmp_path / "last.ckpt"), verbose=False)[0]["test/acc"]
+    assert got == pytest.approx(expected)
+
+
+def test_fold_at_end_gives_a_plain_model_with_the_quantized_weights():
+    qat = QuantizationAwareTraining(weight_bits=4, activation_bits=None, fold_at_end=True)
+    module = _module()
+    _trainer([qat], max_epochs=1).fit(module, datamodule=DigitsDataModule(batch_size=64))
+    layer = module.model.features[3]
+    assert type(layer) is nn.Conv2d
+    assert all(layer.weight[c].unique().numel() <= 15 for c in range(layer.weight.shape[0]))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"weight_bits": 0}, r"weight_bits=0 must be an integer in 1\.\.16"),
+        ({"weight_bits": 17}, r"weight_bits=17 must be an integer in 1\.\.16"),
+        ({"activation_bits": 20}, r"activation_bits=20 must be an integer in 1\.\.16"),
+        ({"weight_bits": 1}, r"scheme='affine' needs at least 2 bits"),
+        ({"scheme": "ternary"}, r"scheme='ternary' is not known; valid: 'affine', 'symmetric', 'fixed_point', 'binary'"),
+        ({"scheme": "fixed_point", "fixed_point": (4, 6)}, r"fixed_point=\(4, 6\): IL \+ FL = 10 must equal the bit width 8"),
+        ({"mode": "dynamic"}, r"mode='dynamic' is not known"),
+        ({"rounding": "up"}, r"rounding='up' is not known"),
+        ({"binary_activations": True}, r"binary_activations=True needs scheme='binary'"),
+        ({"fixed_point": (1, 7)}, r"apply to scheme='fixed_point'"),
+        ({"calibration_batches": 0}, r"calibration_batches=0 must be"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        QuantizationAwareTraining(**kwargs)
