@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from itertools import islice
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -52,6 +53,9 @@ class QuantizationAwareTraining(Callback):
         targets: module-name globs; default every Conv2d and Linear.
         fold_at_end: at fit end bake the quantized weights into plain layers (the state dict loads into
             the original architecture) and drop the buffers.
+        export_onnx: path of an int8 QDQ ONNX file written at fit end on rank 0 (BatchNorm folded, our
+            weight scales and activation ranges imposed; ONNX Runtime calibrates the rest on
+            ``calibration_batches`` training batches). Needs the ``export`` extra (onnx, onnxruntime).
 
     Example:
         >>> import lightning.pytorch as pl
@@ -83,6 +87,7 @@ class QuantizationAwareTraining(Callback):
         momentum: float = 0.1,
         targets: list[str] | None = None,
         fold_at_end: bool = False,
+        export_onnx: str | None = None,
     ) -> None:
         check_bits("weight_bits", weight_bits)
         check_bits("activation_bits", activation_bits, allow_none=True)
@@ -126,6 +131,12 @@ class QuantizationAwareTraining(Callback):
         self.momentum = momentum
         self.targets = list(targets) if targets is not None else None
         self.fold_at_end = fold_at_end
+        if export_onnx is not None and (scheme in ("fixed_point", "binary") or weight_bits > 8
+                                        or (activation_bits is not None and activation_bits > 8)):
+            raise ValueError(f"export_onnx needs 2..8-bit affine or symmetric weights and activations; "
+                             f"got scheme={scheme!r}, weight_bits={weight_bits}, activation_bits={activation_bits}")
+        self.export_onnx = export_onnx
+        self.export_summary = None
         self.calibrated = False  # checkpointed (PTQ)
         self._root: nn.Module | None = None
         self._names: list[str] = []
@@ -205,9 +216,25 @@ class QuantizationAwareTraining(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.export_onnx and trainer.global_rank == 0:
+            self._export(trainer, pl_module)
         if self.fold_at_end:
             for layer in self._layers.values():
                 dequantize_layer(layer)
+
+    def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from ..methods.quantization.export import export_onnx
+
+        loader = trainer.datamodule.train_dataloader() if trainer.datamodule is not None else trainer.train_dataloader
+        batches = [trainer.strategy.batch_to_device(batch)[0].cpu()
+                   for batch in islice(loader, self.calibration_batches)]
+        self.export_summary = export_onnx(compressible_root(pl_module), Path(self.export_onnx), batches)
+        s = self.export_summary
+        rank_zero_info(f"QuantizationAwareTraining: wrote {s.path} ({s.int8_bytes:,} bytes; fp32 ONNX {s.fp32_bytes:,}, "
+                       f"{s.compression_ratio:.2f}x)")
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({"quantization/onnx_int8_bytes": float(s.int8_bytes),
+                                        "quantization/onnx_fp32_bytes": float(s.fp32_bytes)}, step=trainer.global_step)
 
     @override
     def state_dict(self) -> dict[str, Any]:

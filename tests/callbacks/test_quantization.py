@@ -143,3 +143,60 @@ def test_fold_at_end_gives_a_plain_model_with_the_quantized_weights():
 def test_bad_arguments_name_the_argument(kwargs, message):
     with pytest.raises(ValueError, match=message):
         QuantizationAwareTraining(**kwargs)
+
+
+def test_onnx_export_runs_in_onnx_runtime_and_agrees_with_the_fake_quant_model(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    from onnx import numpy_helper
+
+    path = tmp_path / "model.onnx"
+    qat = QuantizationAwareTraining(weight_bits=8, activation_bits=8, export_onnx=str(path), calibration_batches=4)
+    module = _module()
+    data = DigitsDataModule(batch_size=64)
+    _trainer([qat], max_epochs=2).fit(module, datamodule=data)
+    assert qat.export_summary.int8_bytes < qat.export_summary.fp32_bytes / 2.5
+    session = ort.InferenceSession(str(path))
+    graph = onnx.load(str(path)).graph
+    assert sum(node.op_type == "DequantizeLinear" for node in graph.node) >= 8
+    # The int8 weights in the file are the integers QAT trained (BatchNorm folded: same integers).
+    layer = module.model.features[3]
+    scale, _ = layer.weight_scale_zero_point()
+    trained = torch.round(layer.weight.detach() / scale.reshape(-1, 1, 1, 1)).to(torch.int8)
+    stored = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    int8 = [torch.from_numpy(v) for k, v in stored.items()
+            if "features.3.weight" in k and v.dtype.name == "int8" and v.shape == tuple(layer.weight.shape)]
+    assert len(int8) == 1 and torch.equal(int8[0], trained)
+    module.eval()
+    data.setup("test")
+    agree = total = 0
+    for images, labels in data.test_dataloader():
+        with torch.no_grad():
+            expected = module.model(images).argmax(1)
+        got = torch.from_numpy(session.run(None, {"input": images.numpy()})[0]).argmax(1)
+        agree += int((got == expected).sum())
+        total += len(labels)
+    assert agree / total >= 0.99
+
+
+def test_batchnorm_folding_is_exact_for_per_channel_weights():
+    from lightning_compress.methods.quantization import Format, quantize_layer
+    from lightning_compress.methods.quantization.export import fold_batchnorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+        model[1].weight.uniform_(-2, 2)
+    quantize_layer(model[0], Format(4, "symmetric"), None)
+    model.eval()
+    x = torch.randn(4, 3, 10, 10)
+    expected = model(x)
+    assert fold_batchnorm(model) == 1 and isinstance(model[1], nn.Identity)
+    assert torch.allclose(model(x), expected, atol=1e-5)
+
+
+def test_export_refuses_formats_without_int8_kernels():
+    with pytest.raises(ValueError, match=r"export_onnx needs 2\.\.8-bit"):
+        QuantizationAwareTraining(scheme="binary", weight_bits=1, export_onnx="x.onnx")

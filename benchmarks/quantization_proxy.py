@@ -1,0 +1,264 @@
+"""QuantizationAwareTraining on the CPU: step time against fp32 and torch.ao FX QAT, accuracy on the
+proxy model, and ONNX Runtime int8 latency against fp32 and against ONNX Runtime's own quantize_static.
+
+    python -m benchmarks.quantization_proxy step_time     # vgg_proxy, fp32 vs ours vs torch.ao FX QAT
+    python -m benchmarks.quantization_proxy accuracy      # from checkpoints/proxy/baseline.ckpt
+    python -m benchmarks.quantization_proxy onnx_latency  # VGG19-BN and MobileNetV2, batch 1 and 32
+
+Each writes ``benchmarks/results/quantization_<name>.json``; ratios are within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_compress import QuantizationAwareTraining
+from lightning_compress.methods.quantization import Format, calibrate, quantize_layer
+from lightning_compress.methods.quantization.export import export_onnx
+from lightning_compress.models import create_model
+
+from .pruning_proxy import StepTimer, _device
+from .proxy import CHECKPOINT, proxy_datamodule, proxy_module, proxy_trainer
+
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _write(name: str, result: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+def _fx_qat(model: torch.nn.Module) -> torch.nn.Module:
+    """The peer: torch.ao FX graph-mode QAT with the default x86 QAT qconfig."""
+    from torch.ao.quantization import get_default_qat_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+    model.train()
+    return prepare_qat_fx(model, get_default_qat_qconfig_mapping("x86"), (torch.randn(2, 3, 32, 32),))
+
+
+def step_time(args) -> None:
+    names = ["fp32", "ours_qat_int8", "torch_ao_fx_qat_int8"]
+    best: dict[str, float] = {}
+    for repeat in range(args.repeats):
+        for name in names:
+            pl.seed_everything(0)
+            module = proxy_module()
+            callbacks = [StepTimer()]
+            if name == "ours_qat_int8":
+                callbacks.append(QuantizationAwareTraining(weight_bits=8, activation_bits=8))
+            if name == "torch_ao_fx_qat_int8":
+                module.model = _fx_qat(module.model)
+            trainer = proxy_trainer(1, callbacks, limit_train_batches=args.batches, limit_val_batches=0,
+                                    enable_progress_bar=False)
+            trainer.fit(module, datamodule=proxy_datamodule(args.data_dir))
+            mean = statistics.fmean(callbacks[0].times[3:])
+            best[name] = min(best.get(name, float("inf")), mean)
+            print(f"repeat {repeat} {name}: {mean * 1e3:.1f} ms/step", flush=True)
+    _write("quantization_step_time", {
+        "model": "vgg_proxy", "device": _device(), "batch_size": 128, "steps_per_run": args.batches,
+        "repeats": args.repeats, "seconds_per_step": {k: round(v, 5) for k, v in best.items()},
+        "ratio_vs_fp32": {k: round(v / best["fp32"], 3) for k, v in best.items()},
+        "ours_vs_torch_ao": round(best["ours_qat_int8"] / best["torch_ao_fx_qat_int8"], 3),
+    })
+
+
+def _ort_session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _ort_accuracy(path: Path, dm) -> float:
+    session = _ort_session(path, 2)
+    dm.setup("test")
+    correct = total = 0
+    for images, labels in dm.test_dataloader():
+        images = dm.on_after_batch_transfer((images, labels), 0)[0]
+        out = session.run(None, {"input": images.numpy()})[0]
+        correct += int((torch.from_numpy(out).argmax(1) == labels).sum())
+        total += len(labels)
+    return correct / total
+
+
+def _export_fp32(model: torch.nn.Module, path: Path) -> None:
+    torch.onnx.export(copy.deepcopy(model).eval(), (torch.randn(1, 3, 32, 32),), str(path), input_names=["input"],
+                      output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                      opset_version=17, dynamo=False)
+
+
+def _ort_static(fp32_path: Path, out: Path, batches: list[torch.Tensor]) -> None:
+    """The peer: ONNX Runtime's quantize_static, QDQ, per-channel int8 weights, uint8 activations, after
+    ONNX Runtime's recommended pre-processing (shape inference, graph optimization: BatchNorm folded)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = fp32_path.with_suffix(".prep.onnx")
+    quant_pre_process(str(fp32_path), str(prepared))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"input": b.numpy()} for b in batches])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+
+
+def _calibration_batches(dm, n: int) -> list[torch.Tensor]:
+    dm.setup("fit")
+    out = []
+    for images, labels in dm.train_dataloader():
+        out.append(dm.on_after_batch_transfer((images, labels), 0)[0])
+        if len(out) == n:
+            break
+    return out
+
+
+def accuracy(args) -> None:
+    if not CHECKPOINT.is_file():
+        raise SystemExit(f"{CHECKPOINT} is missing: run `python -m benchmarks.proxy` first")
+    dm = proxy_datamodule(args.data_dir)
+    baseline = proxy_module(weights=str(CHECKPOINT))
+    base_acc = proxy_trainer(1, enable_progress_bar=False).test(baseline, datamodule=dm, verbose=False)[0]["test/acc"]
+    rows = []
+    configs = {
+        "ptq_int8": dict(weight_bits=8, activation_bits=8, mode="ptq"),
+        "qat_int8": dict(weight_bits=8, activation_bits=8),
+        "qat_w4a8": dict(weight_bits=4, activation_bits=8),
+        "qat_fixed_point_w8a8_<2,6>_<4,4>": dict(weight_bits=8, activation_bits=8, scheme="fixed_point",
+                                                fixed_point=(2, 6), activation_fixed_point=(4, 4)),
+        "qat_binary_weights_a8": dict(weight_bits=1, activation_bits=8, scheme="binary"),
+    }
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        calibration = _calibration_batches(proxy_datamodule(args.data_dir), args.calibration_batches)
+        fp32_path, peer_path = folder / "fp32.onnx", folder / "peer.onnx"
+        _export_fp32(baseline.model, fp32_path)
+        _ort_static(fp32_path, peer_path, calibration)
+        peer_acc = _ort_accuracy(peer_path, dm)
+        rows.append({"config": "peer: onnxruntime quantize_static (PTQ, per-channel int8)", "test_acc": peer_acc,
+                     "delta_points": 100 * (peer_acc - base_acc), "onnx_bytes": peer_path.stat().st_size})
+        print(json.dumps(rows[-1]), flush=True)
+        for name, kwargs in configs.items():
+            pl.seed_everything(0)
+            module = proxy_module(weights=str(CHECKPOINT), lr=args.lr)
+            exportable = kwargs.get("scheme", "affine") == "affine"
+            path = folder / f"{name}.onnx"
+            qat = QuantizationAwareTraining(calibration_batches=args.calibration_batches,
+                                            export_onnx=str(path) if exportable else None, **kwargs)
+            epochs = 1 if kwargs.get("mode") == "ptq" else args.epochs
+            trainer = proxy_trainer(epochs, [qat], enable_progress_bar=False, limit_val_batches=0)
+            start = time.perf_counter()
+            trainer.fit(module, datamodule=dm)
+            seconds = time.perf_counter() - start
+            acc = trainer.test(module, datamodule=dm, verbose=False)[0]["test/acc"]
+            row = {"config": name, "epochs": 0 if kwargs.get("mode") == "ptq" else epochs, "test_acc": acc,
+                   "delta_points": 100 * (acc - base_acc), "train_seconds": seconds}
+            if exportable:
+                row["onnx_test_acc"] = _ort_accuracy(path, dm)
+                row["onnx_bytes"] = path.stat().st_size
+                row["fp32_onnx_bytes"] = fp32_path.stat().st_size
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    _write("quantization_accuracy", {"model": "vgg_proxy", "device": _device(), "baseline_test_acc": base_acc,
+                                     "lr": args.lr, "runs": rows})
+
+
+def _latencies(sessions: dict, batch: int, repeats: int) -> dict[str, float]:
+    """Median seconds per run of each session; the sessions take turns run by run, so drift in the
+    machine's speed (2 shared cores) hits them alike."""
+    x = torch.randn(batch, 3, 32, 32).numpy()
+    for session in sessions.values():
+        for _ in range(3):
+            session.run(None, {"input": x})
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(repeats):
+        for name, session in sessions.items():
+            start = time.perf_counter()
+            session.run(None, {"input": x})
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _op_counts(path: Path) -> dict[str, int]:
+    """Operators of the graph ONNX Runtime actually runs (after its optimizations)."""
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    optimized = path.with_suffix(".optimized.onnx")
+    options.optimized_model_filepath = str(optimized)
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(optimized)).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def onnx_latency(args) -> None:
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        for name in args.models:
+            torch.manual_seed(0)
+            model = create_model(name).eval()
+            calibration = [torch.randn(16, 3, 32, 32) for _ in range(4)]
+            fp32, peer, ours = folder / f"{name}_fp32.onnx", folder / f"{name}_peer.onnx", folder / f"{name}_ours.onnx"
+            _export_fp32(model, fp32)
+            _ort_static(fp32, peer, calibration)
+            quantized = copy.deepcopy(model)
+            for layer in quantized.modules():
+                if type(layer) in (torch.nn.Conv2d, torch.nn.Linear):
+                    quantize_layer(layer, Format(8, "symmetric"), Format(8, "affine"))
+            calibrate(quantized, [(b, None) for b in calibration])
+            export_onnx(quantized, ours, calibration)
+            sessions = {k: _ort_session(p, args.threads) for k, p in (("fp32", fp32), ("ort_quantize_static", peer), ("ours", ours))}
+            ops = {"ort_quantize_static": _op_counts(peer), "ours": _op_counts(ours)}
+            for batch in (1, 32):
+                seconds = _latencies(sessions, batch, args.repeats if batch == 1 else max(5, args.repeats // 4))
+                rows.append({"model": name, "batch": batch, "seconds": seconds, "int8_graph_ops": ops,
+                             "speedup_vs_fp32": {k: seconds["fp32"] / v for k, v in seconds.items()},
+                             "ours_vs_quantize_static": seconds["ort_quantize_static"] / seconds["ours"],
+                             "bytes": {k: p.stat().st_size for k, p in (("fp32", fp32), ("ort_quantize_static", peer), ("ours", ours))}})
+                print(json.dumps(rows[-1]), flush=True)
+    _write("quantization_onnx_latency", {"device": _device(), "threads": args.threads, "repeats": args.repeats, "runs": rows})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("step_time")
+    s.add_argument("--data-dir", default=None)
+    s.add_argument("--batches", type=int, default=30)
+    s.add_argument("--repeats", type=int, default=2)
+    a = sub.add_parser("accuracy")
+    a.add_argument("--data-dir", default=None)
+    a.add_argument("--epochs", type=int, default=3)
+    a.add_argument("--lr", type=float, default=0.005)
+    a.add_argument("--calibration-batches", type=int, default=16)
+    o = sub.add_parser("onnx_latency")
+    o.add_argument("--models", nargs="+", default=["vgg19_bn", "mobilenet_v2"])
+    o.add_argument("--threads", type=int, default=2)
+    o.add_argument("--repeats", type=int, default=200)
+    args = parser.parse_args()
+    {"step_time": step_time, "accuracy": accuracy, "onnx_latency": onnx_latency}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
