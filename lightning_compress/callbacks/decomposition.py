@@ -19,6 +19,7 @@ from typing_extensions import override
 
 from ..methods.decomposition import METHODS, LayerDecision, apply_plan, parse_rank, plan_decomposition
 from ..methods.decomposition.plan import METRICS, accepts, plan_from_state, plan_to_state, restore_factorized
+from .composition import ORDER, check_composition
 from .targets import compressible_root, resolve_targets
 
 
@@ -122,13 +123,16 @@ class TensorDecomposition(Callback):
         self._root: nn.Module | None = None
         self._names: list[str] = []
         self._hook = None
+        self._stage = "fit"
 
     # ------------------------------------------------------------------ structure
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_composition(trainer)
         root = compressible_root(pl_module)
         self._root = root
+        self._stage = stage
         self._names = resolve_targets(root, self.targets, accepts(self.method), f"layer that {self.method!r} considers")
         if self._hook is None:
             # Before any checkpoint loads into the module, give it the checkpoint's factorized shapes.
@@ -137,10 +141,20 @@ class TensorDecomposition(Callback):
 
             def restore_shapes(module, state_dict, *args, **kwargs) -> None:
                 restore_factorized(root, state_dict, prefix)
+                if any(id(m) not in self._setup_modules for m in root.modules()):
+                    # Layers were replaced since setup (here, or by ImageClassifier.on_load_checkpoint):
+                    # the callbacks after this one (pruning, quantization, sharing) put their masks and
+                    # buffers on the old ones. Their setup is idempotent: let them find the factors.
+                    later = trainer.callbacks[trainer.callbacks.index(self) + 1 :]
+                    for callback in later:
+                        if type(callback).__name__ in ORDER:
+                            callback.setup(trainer, pl_module, self._stage)
+                    self._setup_modules = {id(m) for m in root.modules()}
 
             self._hook = pl_module.register_load_state_dict_pre_hook(restore_shapes)
         if stage == "fit" and self.epoch == 0 and not self.decomposed:
             self.decompose(trainer, pl_module)
+        self._setup_modules = {id(m) for m in root.modules()}
 
     def _example(self, trainer: pl.Trainer | None, root: nn.Module) -> torch.Tensor | None:
         size = self.input_size

@@ -16,6 +16,7 @@ from ..methods.pruning import masks as M
 from ..methods.pruning import selection as S
 from ..methods.pruning.schedule import PruningSchedule
 from ..methods.sharing.codebook import is_shared
+from .composition import check_composition
 from .targets import compressible_root, first_match, lookup, resolve_targets
 
 
@@ -199,6 +200,7 @@ class IterativePruning(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_composition(trainer)
         model = compressible_root(pl_module)
         names = self._candidates(model)
         modules = dict(model.named_modules())

@@ -15,6 +15,7 @@ from typing_extensions import override
 
 from ..methods.quantization import ROUNDINGS, Format, calibrate, can_quantize, dequantize_layer, quantize_layer
 from ..methods.quantization.formats import check_bits, check_fixed_point, check_scheme
+from .composition import check_composition
 from .targets import compressible_root, lookup, resolve_targets
 
 MODES = ("qat", "ptq")
@@ -163,6 +164,7 @@ class QuantizationAwareTraining(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_composition(trainer)
         root = compressible_root(pl_module)
         self._root = root
         self._names = resolve_targets(root, self.targets, can_quantize, "Conv2d/Linear layer")

@@ -20,6 +20,7 @@ from ..methods.optim_state import zero_weight_state
 from ..methods.pruning import masks as M
 from ..methods.sharing import codebook as C
 from ..methods.sharing.kmeans import INITS
+from .composition import check_composition
 from .targets import compressible_root, first_match, lookup, resolve_targets
 
 
@@ -113,6 +114,7 @@ class WeightSharing(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_composition(trainer)
         model = compressible_root(pl_module)
         names = resolve_targets(model, self.targets, M.is_prunable, "Conv/Linear layer")
         names = [n for n in names if self.layer_bits(n) is not None]

@@ -119,3 +119,17 @@ def test_qat_ddp_two_processes_use_identical_activation_ranges(tmp_path):
     assert ranges
     for key in rank0["state"]:
         assert torch.equal(rank0["state"][key], rank1["state"][key]), key
+
+
+def test_composed_decompose_prune_quantize_resumes_in_a_new_process(tmp_path):
+    _run(str(tmp_path / "full"), "--method", "compose", "--save-every-epoch")
+    ckpt = tmp_path / "full" / "ckpt" / "epoch=1.ckpt"
+    saved = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert any(k.endswith(".core.weight_mask") for k in saved)  # factors pruned
+    assert any(k.endswith(".core.activation_max") for k in saved)  # and quantized
+    _run(str(tmp_path / "resumed"), "--method", "compose", "--resume", str(ckpt))
+    full = torch.load(tmp_path / "full" / "rank0.pt", weights_only=False)
+    resumed = torch.load(tmp_path / "resumed" / "rank0.pt", weights_only=False)
+    assert full["history"] == resumed["history"]
+    for key, value in full["state"].items():
+        assert torch.equal(value, resumed["state"][key]), key

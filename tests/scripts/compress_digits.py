@@ -1,6 +1,6 @@
 """Train digits_cnn with a compression callback; a script, so tests can use fresh processes and DDP.
 
-    python -m tests.scripts.compress_digits OUT_DIR [--method prune|share|decompose|quantize] [--epochs N] [--resume CKPT]
+    python -m tests.scripts.compress_digits OUT_DIR [--method prune|share|decompose|quantize|compose] [--epochs N] [--resume CKPT]
                                                     [--devices N] [--save-every-epoch] [--rehabilitation]
                                                     [--decompose-epoch N]
 
@@ -34,8 +34,11 @@ class SaveOutcome(pl.Callback):
     def on_train_end(self, trainer, pl_module):  # before the callbacks finalize (on_fit_end)
         state = {k: v.detach().cpu().clone() for k, v in pl_module.model.state_dict().items()}
         kinds = (IterativePruning, WeightSharing, TensorDecomposition, QuantizationAwareTraining)
-        method = next(c for c in trainer.callbacks if isinstance(c, kinds))
-        if isinstance(method, QuantizationAwareTraining):
+        methods = [c for c in trainer.callbacks if isinstance(c, kinds)]
+        method = methods[0]
+        if len(methods) > 1:  # composed: the decomposition plan and the pruning trajectory
+            history = [[(d.name, d.method, d.ranks) for d in methods[0].plan], methods[1].history]
+        elif isinstance(method, QuantizationAwareTraining):
             history = method.calibrated
         elif isinstance(method, IterativePruning):
             history = method.history
@@ -54,7 +57,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--save-every-epoch", action="store_true")
     parser.add_argument("--rehabilitation", action="store_true")
-    parser.add_argument("--method", choices=["prune", "share", "decompose", "quantize"], default="prune")
+    parser.add_argument("--method", choices=["prune", "share", "decompose", "quantize", "compose"], default="prune")
     parser.add_argument("--decompose-epoch", type=int, default=1)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -67,11 +70,18 @@ def main() -> None:
         )
     elif args.method == "share":
         method = WeightSharing(bits=3, epoch=1)
+    elif args.method == "compose":
+        method = [
+            TensorDecomposition(method="tucker", rank="energy:0.8", epoch=0, rank_multiple=4, print_table=False),
+            IterativePruning(sparsity=0.5, schedule="agp", start_epoch=0, end_epoch=3, frequency=3, scope="global"),
+            QuantizationAwareTraining(weight_bits=8, activation_bits=8, start_epoch=1),
+        ]
     elif args.method == "quantize":
         method = QuantizationAwareTraining(weight_bits=4, activation_bits=8, freeze_observers_epoch=2)
     else:
         method = TensorDecomposition(method="tucker", rank="energy:0.8", epoch=args.decompose_epoch, rank_multiple=4)
-    callbacks = [method, SaveOutcome(args.out)]
+    methods = [method] if not isinstance(method, list) else method
+    callbacks = [*methods, SaveOutcome(args.out)]
     if args.save_every_epoch:
         callbacks.append(ModelCheckpoint(dirpath=args.out / "ckpt", filename="{epoch}", save_top_k=-1))
     trainer = pl.Trainer(

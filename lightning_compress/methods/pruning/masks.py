@@ -142,7 +142,8 @@ def remove_mask(module: nn.Module, fold: bool = True) -> nn.Module:
     del module._buffers["weight_mask"]
     module.__dict__.pop("straight_through", None)
     module.__dict__.pop("mask_in_forward", None)
-    module.__class__ = _DENSE_CLASS[type(module)]
+    # A class that is masked and something else (a fake-quant layer) names what it is without the mask.
+    module.__class__ = getattr(type(module), "unmasked_class", None) or _DENSE_CLASS[type(module)]
     return module
 
 

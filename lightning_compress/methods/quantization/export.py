@@ -130,6 +130,8 @@ def export_onnx(
         if fmt.scheme not in ("symmetric", "affine") or fmt.bits > 8:
             raise ValueError(f"{name}: {fmt.scheme} {fmt.bits}-bit weights have no ONNX int8 form; "
                              "export supports 2..8-bit affine / symmetric")
+    from ..pruning.masks import is_masked, remove_mask
+
     fold_batchnorm(model)
     batches = [b.detach().cpu().float() for b in calibration]
     if not batches:
@@ -144,6 +146,8 @@ def export_onnx(
             input_ranges[name] = (float(scale), int(zero_point), act.scheme == "symmetric")
         with torch.no_grad():
             layer.weight.copy_(layer.quantized_weight())
+        if is_masked(layer):
+            remove_mask(layer, fold=True)  # pruned weights are zeros of the int8 tensor
         layer.quant_enabled = False  # the float graph: quantization is ONNX Runtime's now
         overrides[f"{name}.weight"] = overrides_weight
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import is_distributed
+from ..pruning.masks import MaskedConv2d, MaskedLinear, is_masked
 from .fake_quant import binarize, fake_quantize, fixed_point, minmax_scale
 from .formats import Format
 
@@ -69,15 +70,19 @@ class _QuantizedMixin:
         return minmax_scale(self.activation_min, self.activation_max, self.activation_format,
                             signed=self.activation_format.scheme == "symmetric")
 
+    def source_weight(self) -> torch.Tensor:
+        """The weight before quantization: with the pruning mask applied when the layer is pruned too."""
+        return self.masked_weight() if is_masked(self) else self.weight
+
     def weight_scale_zero_point(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Symmetric (zero point 0, what int8 weight kernels expect), per output channel or per tensor."""
-        w = self.weight.detach().float().reshape(self.weight.shape[0], -1)
+        w = self.source_weight().detach().float().reshape(self.weight.shape[0], -1)
         if not self.per_channel:
             w = w.reshape(1, -1)
         return minmax_scale(w.amin(1), w.amax(1), self.weight_format, signed=True)
 
     def quantized_weight(self) -> torch.Tensor:
-        fmt, w = self.weight_format, self.weight
+        fmt, w = self.weight_format, self.source_weight()
         if fmt.scheme == "binary":
             return binarize(w, fmt.rounding == "stochastic")
         if fmt.scheme == "fixed_point":
@@ -87,7 +92,7 @@ class _QuantizedMixin:
 
     def _inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.quant_enabled:
-            return x, self.weight
+            return x, self.source_weight()
         # Quantize in fp32 (also under bf16 autocast); the layer then computes as autocast decides.
         return self.quantize_input(x), self.quantized_weight().to(self.weight.dtype)
 
@@ -108,7 +113,26 @@ class QuantLinear(_QuantizedMixin, nn.Linear):
         return F.linear(x, weight, self.bias)
 
 
-_QUANTIZED = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
+class QuantMaskedConv2d(_QuantizedMixin, MaskedConv2d):
+    """A pruned and fake-quantized conv: the mask applies first, pruned weights quantize to exact zero."""
+
+    unmasked_class = QuantConv2d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, weight = self._inputs(x)
+        return self._conv_forward(x, weight, self.bias)
+
+
+class QuantMaskedLinear(_QuantizedMixin, MaskedLinear):
+    unmasked_class = QuantLinear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, weight = self._inputs(x)
+        return F.linear(x, weight, self.bias)
+
+
+_QUANTIZED = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear, MaskedConv2d: QuantMaskedConv2d, MaskedLinear: QuantMaskedLinear}
+_UNQUANTIZED = {QuantConv2d: nn.Conv2d, QuantLinear: nn.Linear, QuantMaskedConv2d: MaskedConv2d, QuantMaskedLinear: MaskedLinear}
 
 
 def is_quantized(module: nn.Module) -> bool:
@@ -125,8 +149,8 @@ def quantize_layer(module: nn.Module, weight_format: Format, activation_format: 
     if not is_quantized(module):
         cls = _QUANTIZED.get(type(module))
         if cls is None:
-            raise TypeError(f"cannot quantize a {type(module).__name__}: supported are Conv2d and Linear "
-                            "(a pruned layer must have its masks folded first)")
+            raise TypeError(f"cannot quantize a {type(module).__name__}: supported are Conv2d and Linear, "
+                            "pruned (masked) or not")
         module.__class__ = cls
         device = module.weight.device
         module.register_buffer("weight_bits", torch.tensor(weight_format.bits, device=device))
@@ -144,15 +168,15 @@ def quantize_layer(module: nn.Module, weight_format: Format, activation_format: 
 
 
 def dequantize_layer(module: nn.Module) -> nn.Module:
-    """Back to a plain Conv2d / Linear with the fake-quantized weight baked in (what was trained is
-    what is kept); the quantization buffers are dropped. In place."""
+    """Back to a plain (or still masked) Conv2d / Linear with the fake-quantized weight baked in (what
+    was trained is what is kept); the quantization buffers are dropped. In place."""
     if not is_quantized(module):
         return module
     with torch.no_grad():
         module.weight.copy_(module.quantized_weight().to(module.weight.dtype))
     for name in ("weight_bits", "activation_min", "activation_max", "activation_observed"):
         module._buffers.pop(name, None)
-    module.__class__ = nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Linear
+    module.__class__ = _UNQUANTIZED[type(module)]
     return module
 
 
