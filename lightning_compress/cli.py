@@ -2,7 +2,7 @@
 
 Example:
     lightning-compress fit --config recipes/quickstart.yaml
-    lightning-compress test --config recipes/baselines/vgg19_bn_cifar10.yaml --ckpt_path checkpoints/vgg19_bn_cifar10/best.ckpt
+    lightning-compress test --config recipes/vgg19_cifar10/baseline.yaml --ckpt_path checkpoints/vgg19_bn_cifar10/best.ckpt
 """
 
 from __future__ import annotations

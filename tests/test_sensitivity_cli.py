@@ -130,7 +130,7 @@ def test_main_rejects_bad_command_lines(argv):
 def test_cifar_batches_are_normalised_once_and_reused(tiny_cifar_dir, tmp_path, monkeypatch):
     """The CIFAR data module yields uint8 batches; the evaluation must see them normalised, every time."""
     monkeypatch.chdir(tmp_path)
-    recipe = str(ROOT / "recipes" / "baselines" / "vgg19_bn_cifar10.yaml")  # channels_last, bf16 trainer
+    recipe = str(ROOT / "recipes" / "vgg19_cifar10" / "baseline.yaml")  # channels_last, bf16 trainer
     seen = []
     real_accuracy = sensitivity_cli.top1_accuracy
 

@@ -108,3 +108,28 @@ def test_onnx_export_of_a_pruned_quantized_model(tmp_path):
 def test_unsupported_compositions_are_refused_before_any_work(callbacks, message):
     with pytest.raises(ValueError, match=message):
         _trainer(callbacks(), max_epochs=1).fit(_module(), datamodule=DigitsDataModule())
+
+
+def test_onnx_export_of_a_decomposed_pruned_quantized_model(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    path = tmp_path / "m.onnx"
+    stack = _stack(make_permanent=True)
+    stack[-1] = QuantizationAwareTraining(weight_bits=8, activation_bits=8, export_onnx=str(path), calibration_batches=4)
+    module = _module()
+    data = DigitsDataModule(batch_size=64)
+    _trainer(stack, max_epochs=2).fit(module, datamodule=data)
+    assert qat_folded_every_batchnorm(path)
+    session = ort.InferenceSession(str(path))
+    data.setup("test")
+    images, _ = next(iter(data.test_dataloader()))
+    module.eval()
+    with torch.no_grad():
+        expected = module.model(images).argmax(1)
+    got = torch.from_numpy(session.run(None, {"input": images.numpy()})[0]).argmax(1)
+    assert (got == expected).float().mean() >= 0.98
+
+
+def qat_folded_every_batchnorm(path) -> bool:
+    import onnx
+
+    return not any(node.op_type == "BatchNormalization" for node in onnx.load(str(path)).graph.node)

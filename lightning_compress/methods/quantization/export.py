@@ -11,7 +11,7 @@ before ReLU, pooling) are calibrated by ONNX Runtime on the batches given.
 Folding is exact for per-channel symmetric weights: BatchNorm multiplies each output channel by
 ``c = gamma / sqrt(var + eps)``, and per-channel symmetric quantization commutes with that scaling
 (the channel's scale becomes ``|c|`` times larger, the integers stay the same), so what was trained is
-what is exported. With per-tensor weights BatchNorm is not folded (it stays a float op).
+what is exported. Per-tensor weights are re-quantized after folding (the grid changes slightly).
 """
 
 from __future__ import annotations
@@ -40,24 +40,37 @@ class OnnxExport:
         return self.fp32_bytes / self.int8_bytes
 
 
+def _last_conv(module: nn.Module) -> nn.Module | None:
+    """The convolution whose output leaves ``module``: itself, or the last stage of a chain (a factorized layer)."""
+    while isinstance(module, nn.Sequential) and len(module):
+        module = module[-1]
+    return module if isinstance(module, nn.Conv2d) else None
+
+
 def fold_batchnorm(model: nn.Module) -> int:
-    """Fold each BatchNorm2d that directly follows a per-channel quantized Conv2d in an ``nn.Sequential``
-    into the conv (the BatchNorm becomes ``nn.Identity``); in place, eval-mode statistics. Returns the count."""
+    """Fold each BatchNorm2d that directly follows a quantized Conv2d (or a chain ending in one, as a
+    factorized layer does) in an ``nn.Sequential`` into that conv; the BatchNorm becomes
+    ``nn.Identity``. In place, eval-mode statistics. Returns the count.
+
+    Exact for per-channel weights (the trained integers do not change); per-tensor weights are
+    re-quantized on the folded values.
+    """
     folded = 0
-    for container in model.modules():
+    for container in list(model.modules()):
         if not isinstance(container, nn.Sequential):
             continue
         names = list(container._modules)
         for first, second in zip(names, names[1:]):
-            conv, bn = container._modules[first], container._modules[second]
-            if not (isinstance(conv, nn.Conv2d) and is_quantized(conv) and conv.per_channel
-                    and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats):
+            conv, bn = _last_conv(container._modules[first]), container._modules[second]
+            if not (conv is not None and is_quantized(conv) and isinstance(bn, nn.BatchNorm2d)
+                    and bn.track_running_stats and bn.running_var is not None):
                 continue
             with torch.no_grad():
-                factor = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+                factor = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1 / torch.sqrt(bn.running_var + bn.eps)
+                shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
                 conv.weight.mul_(factor.reshape(-1, 1, 1, 1).to(conv.weight.dtype))
                 bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-                new_bias = (bias - bn.running_mean) * factor + bn.bias
+                new_bias = (bias - bn.running_mean) * factor + shift
                 if conv.bias is None:
                     conv.bias = nn.Parameter(new_bias)
                 else:
