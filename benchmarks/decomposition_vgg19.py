@@ -32,6 +32,8 @@ from lightning_compress import CIFAR10DataModule, ImageClassifier, TensorDecompo
 from lightning_compress.methods.decomposition import apply_plan, plan_decomposition, plan_from_state
 from lightning_compress.models import create_model
 
+from .pruning_proxy import _latency  # median CPU inference seconds of a model at a batch size
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -211,20 +213,6 @@ def train(args: argparse.Namespace) -> None:
     ckpt.unlink(missing_ok=True)
 
 
-def _latency(model: torch.nn.Module, batch: int, repeats: int) -> float:
-    model.eval()
-    x = torch.randn(batch, 3, 32, 32)
-    with torch.inference_mode():
-        for _ in range(3):
-            model(x)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
 def speed(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     dense = create_model("vgg19_bn").eval()
@@ -233,7 +221,7 @@ def speed(args: argparse.Namespace) -> None:
     names = [n for n, m in dense.named_modules() if isinstance(m, torch.nn.Conv2d)]
     dense_report = compression_report(dense, input_size=(3, 32, 32))
     rows = []
-    dense_latency = {b: _latency(dense, b, args.repeats) for b in (1, 32)}
+    dense_latency = {b: _latency(dense.eval(), b, args.repeats) for b in (1, 32)}
     trained_plans = {}
     if args.plans:
         # Ranks chosen from trained weights (the GPU run's JSON): the architecture whose latency counts.
@@ -251,7 +239,7 @@ def speed(args: argparse.Namespace) -> None:
             model = create_model("vgg19_bn").eval()
             apply_plan(model, trained_plans[target], from_weights=False)
         report = compression_report(model, input_size=(3, 32, 32))
-        latency = {b: _latency(model, b, args.repeats) for b in (1, 32)}
+        latency = {b: _latency(model.eval(), b, args.repeats) for b in (1, 32)}
         rows.append({
             "target_compression": target, "params": report.params, "compression": dense_report.params / report.params,
             "mac_reduction": dense_report.macs / report.macs, "plan_seconds": planned - start,
