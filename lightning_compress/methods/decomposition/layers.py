@@ -89,9 +89,6 @@ class Factorized(nn.Sequential):
     def extra_repr(self) -> str:
         return f"method={self.method!r}, ranks={self.ranks}"
 
-    def compression_stats(self) -> dict[str, Any]:
-        return {"note": f"{self.method} ranks {self.ranks}"}
-
     @property
     def params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -167,7 +167,7 @@ def _rule_ranks(method: str, rule: RankRule, layer: nn.Module, g: Geometry, mult
     s_out, s_in, shape_out, shape_in = _mode_spectra(layer)
     if method == "cp" and rule.kind in ("int", "fraction"):
         rank = int(rule.value) if rule.kind == "int" else max(1, math.ceil(rule.value * max(g.out_features, g.in_features)))
-        return (round_rank(rank, rank, multiple) if multiple > 1 else rank,)
+        return (math.ceil(rank / multiple) * multiple,)
     r_out, r_in = select_rank(rule, s_out, shape_out), select_rank(rule, s_in, shape_in)
     if method == "cp":
         # One CP rank for the layer: the larger of the two mode ranks the rule picks.

@@ -43,13 +43,12 @@ class _QuantizedMixin:
             stats = torch.stack([-lo, hi])
             dist.all_reduce(stats, op=dist.ReduceOp.MAX)
             lo, hi = -stats[0], stats[1]
-        if not bool(self.activation_observed):
-            self.activation_min.copy_(lo)
-            self.activation_max.copy_(hi)
-            self.activation_observed.fill_(True)
-        else:
-            self.activation_min.lerp_(lo, self.momentum)
-            self.activation_max.lerp_(hi, self.momentum)
+        # The first batch sets the range, later ones move it by ``momentum``: branch-free, so no
+        # device-to-host sync per layer and step.
+        weight = torch.where(self.activation_observed, self.momentum, 1.0)
+        self.activation_min.lerp_(lo, weight)
+        self.activation_max.lerp_(hi, weight)
+        self.activation_observed.fill_(True)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         fmt = self.activation_format
@@ -61,7 +60,7 @@ class _QuantizedMixin:
             return fixed_point(x, fmt).to(x.dtype)
         if self.observing and self.training:
             self._observe(x)
-        if not bool(self.activation_observed):
+        elif not bool(self.activation_observed):
             return x  # nothing seen yet (a forward in eval mode before any calibration)
         scale, zero_point = self.activation_scale_zero_point()
         return fake_quantize(x, scale, zero_point, fmt, signed=fmt.scheme == "symmetric").to(x.dtype)
