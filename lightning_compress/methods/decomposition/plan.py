@@ -138,13 +138,16 @@ def dense_cost(g: Geometry, metric: str, pos: tuple[int, int] | None) -> float:
     return g.in_features * g.out_features * g.kernel_area * pos[1]
 
 
-def _mode_spectra(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], tuple[int, int]]:
-    """Singular values of the output-mode and input-mode unfoldings of a layer's weight."""
+def layer_spectra(method: str, layer: nn.Module) -> list[tuple[torch.Tensor, tuple[int, int]]]:
+    """Singular values (and matrix shape) of what ``method`` truncates: the output-mode and input-mode
+    unfoldings of a conv kernel (Tucker, CP), or the weight matrix (SVD). Computed once per plan."""
     w = factorize.effective_weight(layer)
-    out_ch, in_ch = w.shape[0], w.shape[1]
-    unfold_out = w.reshape(out_ch, -1)
-    unfold_in = w.transpose(0, 1).reshape(in_ch, -1)
-    return spectrum(unfold_out), spectrum(unfold_in), tuple(unfold_out.shape), tuple(unfold_in.shape)
+    if method == "svd":
+        matrix = w.reshape(w.shape[0], -1)
+        return [(spectrum(matrix), tuple(matrix.shape))]
+    unfold_out = w.reshape(w.shape[0], -1)
+    unfold_in = w.transpose(0, 1).reshape(w.shape[1], -1)
+    return [(spectrum(unfold_out), tuple(unfold_out.shape)), (spectrum(unfold_in), tuple(unfold_in.shape))]
 
 
 def _tail_energy(values: torch.Tensor, size: int) -> np.ndarray:
@@ -156,18 +159,19 @@ def _tail_energy(values: torch.Tensor, size: int) -> np.ndarray:
     return tail
 
 
-def _rule_ranks(method: str, rule: RankRule, layer: nn.Module, g: Geometry, multiple: int, clamped: list[str], name: str) -> tuple[int, ...]:
+def _rule_ranks(method: str, rule: RankRule, spectra, g: Geometry, multiple: int, clamped: list[str], name: str) -> tuple[int, ...]:
+    """``spectra()`` gives :func:`layer_spectra` of the layer (called only when the rule needs it)."""
     if method == "svd":
-        w = factorize.effective_weight(layer).reshape(g.out_features, g.in_features)
-        size = min(w.shape)
-        rank = select_rank(rule, spectrum(w), tuple(w.shape))
+        (values, shape), = spectra()
+        size = min(shape)
+        rank = select_rank(rule, values, shape)
         if rank > size:
             clamped.append(f"{name} ({rank} > {size})")
         return (round_rank(rank, size, multiple),)
-    s_out, s_in, shape_out, shape_in = _mode_spectra(layer)
     if method == "cp" and rule.kind in ("int", "fraction"):
         rank = int(rule.value) if rule.kind == "int" else max(1, math.ceil(rule.value * max(g.out_features, g.in_features)))
         return (math.ceil(rank / multiple) * multiple,)
+    (s_out, shape_out), (s_in, shape_in) = spectra()
     r_out, r_in = select_rank(rule, s_out, shape_out), select_rank(rule, s_in, shape_in)
     if method == "cp":
         # One CP rank for the layer: the larger of the two mode ranks the rule picks.
@@ -178,19 +182,14 @@ def _rule_ranks(method: str, rule: RankRule, layer: nn.Module, g: Geometry, mult
     return round_rank(r_out, g.out_features, multiple), round_rank(r_in, g.in_features, multiple)
 
 
-def _estimated_error(method: str, layer: nn.Module, ranks: tuple[int, ...]) -> float | None:
-    if method == "tucker":
-        s_out, s_in, _, _ = _mode_spectra(layer)
-        total = float((s_out.double() ** 2).sum())
-        g = Geometry.of(layer)
-        dropped = _tail_energy(s_out, g.out_features)[ranks[0]] + _tail_energy(s_in, g.in_features)[ranks[1]]
-        return math.sqrt(dropped / total) if total else 0.0
-    if method == "svd":
-        g = Geometry.of(layer)
-        s = spectrum(factorize.effective_weight(layer).reshape(g.out_features, g.in_features))
-        total = float((s.double() ** 2).sum())
-        return math.sqrt(_tail_energy(s, len(s))[min(ranks[0], len(s))] / total) if total else 0.0
-    return None
+def _estimated_error(method: str, g: Geometry, spectra, ranks: tuple[int, ...]) -> float | None:
+    """The truncated-HOSVD (or SVD) error bound ``||W - W_hat|| / ||W||`` at ``ranks``."""
+    if method == "cp":
+        return None
+    sizes = (g.out_features, g.in_features) if method == "tucker" else (len(spectra[0][0]),)
+    total = float((spectra[0][0].double() ** 2).sum())
+    dropped = sum(_tail_energy(values, size)[min(rank, size)] for (values, _), size, rank in zip(spectra, sizes, ranks))
+    return math.sqrt(dropped / total) if total else 0.0
 
 
 def _candidates(values: int, multiple: int) -> np.ndarray:
@@ -224,11 +223,12 @@ def allocate_ranks(
     multiple: int = 8,
     metric: str = "params",
     positions: dict[str, tuple[int, int]] | None = None,
+    spectra: dict[str, list] | None = None,
 ) -> dict[str, tuple[int, ...] | None]:
     """Ranks for every layer so that the model's cost drops ``target_compression`` times (None: dense).
 
     ``total_cost`` is the whole model's cost (parameters or MACs) before; layers outside ``layers``
-    keep theirs.
+    keep theirs. ``spectra`` maps names to :func:`layer_spectra` already computed.
     """
     if method not in ("tucker", "svd"):
         raise ValueError(f"target_compression works with method 'tucker' or 'svd', not {method!r} "
@@ -244,8 +244,9 @@ def allocate_ranks(
         fixed -= dense
         ranks: list[tuple[int, ...] | None] = [None]
         costs, errors = [dense], [0.0]
+        layer_values = spectra[name] if spectra and name in spectra else layer_spectra(method, layer)
         if method == "tucker":
-            s_out, s_in, _, _ = _mode_spectra(layer)
+            (s_out, _), (s_in, _) = layer_values
             t_out, t_in = _tail_energy(s_out, g.out_features), _tail_energy(s_in, g.in_features)
             total = max(t_out[0], 1e-300)
             ro, ri = _candidates(g.out_features, multiple), _candidates(g.in_features, multiple)
@@ -256,7 +257,7 @@ def allocate_ranks(
                 costs.append(cost(int(a), int(b)))
                 errors.append(float(e))
         else:
-            s = spectrum(factorize.effective_weight(layer).reshape(g.out_features, g.in_features))
+            (s, _), = layer_values
             tail = _tail_energy(s, len(s))
             total = max(tail[0], 1e-300)
             for r in _candidates(len(s), multiple):
@@ -325,6 +326,13 @@ def plan_decomposition(
             usable[name] = layer
         decisions[name] = decision
 
+    spectra: dict[str, list] = {}  # each layer's singular values, computed at most once
+
+    def spectra_of(name: str) -> list:
+        if name not in spectra:
+            spectra[name] = layer_spectra(method, layers[name])
+        return spectra[name]
+
     if target_compression is not None:
         if not target_compression > 1:
             raise ValueError(f"target_compression={target_compression!r} must be > 1 (times fewer {metric})")
@@ -334,10 +342,12 @@ def plan_decomposition(
             from ..report import compression_report
 
             total = float(compression_report(model, input_size=tuple(example.shape[1:])).macs)
-        chosen = allocate_ranks(usable, method, target_compression, total, rank_multiple, metric, positions)
+        spectra.update({name: spectra_of(name) for name in usable})
+        chosen = allocate_ranks(usable, method, target_compression, total, rank_multiple, metric, positions, spectra)
     else:
         clamped: list[str] = []
-        chosen = {name: _rule_ranks(method, rule, layer, Geometry.of(layer), rank_multiple, clamped, name)
+        chosen = {name: _rule_ranks(method, rule, lambda name=name: spectra_of(name), Geometry.of(layer), rank_multiple,
+                                    clamped, name)
                   for name, layer in usable.items()}
         if clamped:
             warnings.warn(f"rank={rank!r} exceeds the mode size of {len(clamped)} layer(s); clamped to the size: "
@@ -356,7 +366,7 @@ def plan_decomposition(
             continue
         decision.method, decision.ranks, decision.params_after = method, tuple(int(r) for r in ranks), int(after)
         decision.macs_after = int(_cost_fn(method, g, "macs", pos)(*ranks)) if pos else None
-        decision.estimated_error = _estimated_error(method, layer, decision.ranks)
+        decision.estimated_error = _estimated_error(method, g, spectra_of(name), decision.ranks) if method != "cp" else None
     return [decisions[name] for name in names]
 
 

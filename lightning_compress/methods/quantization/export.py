@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -82,8 +83,6 @@ def fold_batchnorm(model: nn.Module) -> int:
 
 def _weight_overrides(layer: nn.Module) -> list[dict]:
     scale, zero_point = layer.weight_scale_zero_point()
-    import numpy as np
-
     return [{"scale": np.array(s, dtype=np.float32), "zero_point": np.array(z, dtype=np.int8), "axis": 0}
             for s, z in zip(scale.tolist(), zero_point.tolist())]
 
@@ -180,8 +179,6 @@ def export_onnx(
             layer_name = node.input[1][: -len(".weight")]
             weight_names[layer_name] = node.input[1]
             if layer_name in input_ranges and node.input[0] not in initializers:
-                import numpy as np
-
                 scale, zero_point, symmetric = input_ranges[layer_name]
                 overrides[node.input[0]] = [{"scale": np.array(scale, dtype=np.float32),
                                              "zero_point": np.array(zero_point, dtype=np.int8 if symmetric else np.uint8),
