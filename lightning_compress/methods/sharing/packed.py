@@ -371,14 +371,22 @@ def _encode_weight(
         notes.append(f"{negative_zeros:,} negative zeros (-0.0) stored as values, to round-trip bit-exactly; "
                      "prune with masked_fill_ or torch.where to get +0.0")
 
+    codes = None
     if codebook.size <= MAX_CODEBOOK:
         codes = (inverse.reshape(-1) + 1).astype(np.uint16 if codebook.size < 1 << 16 else np.uint32)
-        encoding, streams = _codebook_streams(codes, positions, numel, gaps, is_filler)
-        parts = {part: stream.to_bytes() for part, stream in streams.items()}
-        parts["codebook"] = codebook.astype(_little(bits.dtype)).tobytes()
+        sparse_layout, codebook_bytes = _codebook_layout(codes, positions, numel, gaps, is_filler)
+        # A weight that was never shared (every value distinct) is smaller stored raw: codes of ~log2(n)
+        # bits plus the n values themselves cost more than the values alone.
+        if codebook_bytes + codebook.size * bits.itemsize >= _raw_nbytes(bits, gaps):
+            codes = None
     else:
         notes.append(f"{codebook.size:,} distinct non-zero values > {MAX_CODEBOOK:,}: values stored raw "
                      f"({bits.itemsize * 8}-bit)")
+    if codes is not None:
+        encoding, streams = _codebook_streams(codes, positions, numel, gaps, is_filler, sparse_layout)
+        parts = {part: stream.to_bytes() for part, stream in streams.items()}
+        parts["codebook"] = codebook.astype(_little(bits.dtype)).tobytes()
+    else:
         encoding, streams, parts = _raw_parts(bits, values, gaps, is_filler)
 
     meta: dict[str, Any] = {"kind": kind, "encoding": encoding}
@@ -402,24 +410,35 @@ def _encode_weight(
     return meta, parts, layer
 
 
-def _codebook_streams(
+def _codebook_layout(
     codes: np.ndarray, positions: np.ndarray, numel: int, gaps: np.ndarray, is_filler: np.ndarray
-) -> tuple[str, dict[str, HuffmanStream]]:
-    """The smaller of (gaps, codes with 0 = filler) and (one code per weight, 0 = zero), Huffman-coded.
-
-    Both sizes are computed from symbol frequencies, so only the chosen form is ever encoded.
-    """
+) -> tuple[bool, int]:
+    """Whether (gaps, codes with 0 = filler) beats (one code per weight, 0 = zero) once Huffman-coded, and
+    the bytes of the winner; computed from symbol frequencies, so nothing is encoded to decide."""
     frequencies = np.bincount(codes, minlength=int(codes.max(initial=0)) + 1)
     sparse_frequencies, dense_frequencies = frequencies.copy(), frequencies.copy()
     sparse_frequencies[0], dense_frequencies[0] = is_filler.sum(), numel - positions.size
     sparse_bytes = huffman_nbytes(np.bincount(gaps)) + huffman_nbytes(sparse_frequencies)
-    if sparse_bytes <= huffman_nbytes(dense_frequencies):
+    dense_bytes = huffman_nbytes(dense_frequencies)
+    return sparse_bytes <= dense_bytes, min(sparse_bytes, dense_bytes)
+
+
+def _codebook_streams(
+    codes: np.ndarray, positions: np.ndarray, numel: int, gaps: np.ndarray, is_filler: np.ndarray, sparse: bool
+) -> tuple[str, dict[str, HuffmanStream]]:
+    """The Huffman-coded codes in the layout :func:`_codebook_layout` chose."""
+    if sparse:
         entry_codes = np.zeros(gaps.size, dtype=codes.dtype)
         entry_codes[~is_filler] = codes
         return "sparse_codebook", {"gaps": huffman_encode(gaps), "codes": huffman_encode(entry_codes)}
     all_codes = np.zeros(numel, dtype=codes.dtype)
     all_codes[positions] = codes
     return "dense_codebook", {"codes": huffman_encode(all_codes)}
+
+
+def _raw_nbytes(bits: np.ndarray, gaps: np.ndarray) -> int:
+    """Bytes of :func:`_raw_parts`' choice, without building it."""
+    return min(bits.nbytes, huffman_nbytes(np.bincount(gaps)) + gaps.size * bits.itemsize)
 
 
 def _raw_parts(
@@ -573,7 +592,9 @@ def _decode_tensor(meta: Mapping[str, Any], payload: memoryview, weight_bits: di
         flags = np.unpackbits(np.frombuffer(parts["data"], np.uint8), count=math.prod(shape))
         return torch.from_numpy(flags.astype(bool)).reshape(shape)
     if encoding == "raw":
-        raw = torch.from_numpy(np.frombuffer(parts["data"], np.uint8).copy()).view(dtype).reshape(shape)
+        data = np.frombuffer(parts["data"], np.uint8).copy()
+        # torch cannot reinterpret an empty byte tensor as a wider dtype (its stride is 0)
+        raw = torch.from_numpy(data).view(dtype).reshape(shape) if data.size else torch.empty(shape, dtype=dtype)
         if "kind" in meta:
             weight_bits[name] = _bit_view(raw)
         return raw
