@@ -27,11 +27,11 @@ File layout (integers little-endian)::
 
     offset  size  field
     0       4     magic b"LCPK"
-    4       2     format version (1)
+    4       2     format version (2; version 1 files, whose manifest is not compressed, still load)
     6       2     reserved, 0
     8       8     manifest length m
     16      32    SHA-256 of the manifest
-    48      m     manifest, UTF-8 JSON: {"format", "version", "payload_bytes", "payload_sha256",
+    48      m     manifest, zlib-compressed UTF-8 JSON: {"format", "version", "payload_bytes", "payload_sha256",
                   "tensors": [{"name", "dtype", "shape", "encoding", "parts": {part: [offset, length]},
                   and per encoding "kind", "index_bits", "codebook_size", "source"}]}
     48 + m        payload: every tensor's parts back to back; offsets are relative to its start
@@ -48,6 +48,7 @@ import math
 import os
 import struct
 import sys
+import zlib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -69,7 +70,10 @@ from .encoding import (
 )
 
 MAGIC = b"LCPK"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 2 compresses the manifest with zlib: its JSON repeats key names for every tensor, and in a
+# small pruned and shared model it was a fifth of the file (14 KB of 78 KB for a quarter-width VGG19).
+READABLE_VERSIONS = (1, 2)
 INDEX_BITS = MappingProxyType({"conv": 8, "linear": 5})
 """Deep Compression's relative-index bits: 8 for convolutions, 5 for fully connected layers."""
 MAX_CODEBOOK = 1 << 16
@@ -516,6 +520,7 @@ def _write(path: Path, entries: list[tuple[dict[str, Any], dict[str, bytes]]]) -
          "payload_sha256": payload_hash.hexdigest(), "tensors": tensors},
         separators=(",", ":"),
     ).encode("utf-8")
+    manifest = zlib.compress(manifest, 9)
     header = _HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(manifest), hashlib.sha256(manifest).digest())
     # Written beside the target and renamed, so an interrupted save never leaves a half file at path.
     temporary = path.with_name(path.name + ".partial")
@@ -611,9 +616,10 @@ def _read(path: Path) -> tuple[dict[str, Any], memoryview]:
             f"{path} is not a lightning_compress packed file (starts with {data[:4]!r}, expected {MAGIC!r})"
         )
     version = struct.unpack_from("<H", data, 4)[0] if len(data) >= 6 else FORMAT_VERSION
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ValueError(
-            f"{path}: packed format version {version} is not supported (this reader knows version {FORMAT_VERSION})"
+            f"{path}: packed format version {version} is not supported (this reader knows versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))})"
         )
     if len(data) < _HEADER.size:
         raise _corrupted(path, f"{len(data)} bytes, shorter than the {_HEADER.size}-byte header")
@@ -625,9 +631,10 @@ def _read(path: Path) -> tuple[dict[str, Any], memoryview]:
     if hashlib.sha256(manifest_bytes).digest() != manifest_hash:
         raise _corrupted(path, "manifest SHA-256 mismatch")
     try:
-        manifest = json.loads(bytes(manifest_bytes).decode("utf-8"))
+        text = zlib.decompress(manifest_bytes) if version >= 2 else bytes(manifest_bytes)
+        manifest = json.loads(text.decode("utf-8"))
         expected_size, expected_hash = int(manifest["payload_bytes"]), manifest["payload_sha256"]
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+    except (zlib.error, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
         raise _corrupted(path, f"unreadable manifest: {error}") from error
     payload = view[_HEADER.size + manifest_size :]
     if len(payload) != expected_size:

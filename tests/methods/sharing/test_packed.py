@@ -6,6 +6,7 @@ import io
 import json
 import pickle
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -233,7 +234,7 @@ def test_any_sparse_shared_weight_round_trips(shape, sparsity, levels, dtype, se
 
 def _manifest_bytes(data: bytes) -> bytes:
     size = int.from_bytes(data[8:16], "little")
-    return data[48 : 48 + size]
+    return zlib.decompress(data[48 : 48 + size])
 
 
 @pytest.fixture
@@ -255,7 +256,7 @@ def test_truncated_file_is_reported(packed_file, keep):
 @pytest.mark.parametrize("where", ["manifest", "payload", "manifest length"])
 def test_flipped_byte_is_reported(packed_file, where):
     data = bytearray(packed_file.read_bytes())
-    manifest_end = 48 + len(_manifest_bytes(bytes(data)))
+    manifest_end = 48 + int.from_bytes(data[8:16], "little")
     index = {"manifest": 60, "payload": (manifest_end + len(data)) // 2, "manifest length": 9}[where]
     data[index] ^= 0x10
     packed_file.write_bytes(bytes(data))
@@ -277,6 +278,18 @@ def test_other_files_and_versions_are_refused(packed_file, tmp_path):
     packed_file.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="version 99"):
         load_compressed(packed_file)
+
+
+def test_version_1_files_with_a_plain_manifest_still_load(packed_file, pruned_cnn):
+    import hashlib
+
+    data = packed_file.read_bytes()
+    assert int.from_bytes(data[4:6], "little") == 2
+    text = _manifest_bytes(data)  # version 1 stored this JSON as it is
+    payload = data[48 + int.from_bytes(data[8:16], "little") :]
+    header = b"LCPK" + (1).to_bytes(2, "little") + data[6:8] + len(text).to_bytes(8, "little") + hashlib.sha256(text).digest()
+    packed_file.write_bytes(header + text + payload)
+    assert_bit_exact(load_compressed(packed_file), pruned_cnn.state_dict())
 
 
 def test_mismatched_model_raises_load_state_dict_error(packed_file):
@@ -322,7 +335,7 @@ def test_a_file_with_valid_checksums_but_inconsistent_content_is_refused(packed_
     payload = data[48 + int.from_bytes(data[8:16], "little") :]
     entry = next(entry for entry in manifest["tensors"] if entry["encoding"] == "sparse_codebook")
     entry["codebook_size"] += 1
-    text = json.dumps(manifest).encode()
+    text = zlib.compress(json.dumps(manifest).encode())
     header = data[:8] + len(text).to_bytes(8, "little") + hashlib.sha256(text).digest()
     packed_file.write_bytes(header + text + payload)
     with pytest.raises(ValueError, match="truncated or corrupted.*codebook"):
