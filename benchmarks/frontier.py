@@ -83,15 +83,23 @@ def plot(data: list[dict], path: Path) -> None:
                 ax.scatter([r["ratio"] for r in points], [r["delta"] for r in points], s=40,
                            facecolors="none" if peer else colour, edgecolors=colour,
                            label=f"{technique}{' (peer)' if peer else ''}")
-    ax.set_xscale("log")
     from matplotlib.ticker import FuncFormatter
 
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}x"))
     ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, _: f"{x:g}x" if x in (2, 3, 5, 20, 30, 50) else ""))
+    finish_ratio_plot(fig, ax, path, "compression (what is counted differs by technique; see the table)",
+                      "CPU proxy (quarter-width VGG11-BN, CIFAR-10 subset)")
+
+
+def finish_ratio_plot(fig, ax, path: Path, xlabel: str, title: str) -> None:
+    """Axes of an accuracy-change-against-compression plot (log ratio, 'Nx' ticks, zero line); save it."""
+    from matplotlib.ticker import FuncFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}x"))
     ax.axhline(0, color="grey", linewidth=0.8)
-    ax.set_xlabel("compression (what is counted differs by technique; see the table)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy change (points)")
-    ax.set_title("CPU proxy (quarter-width VGG11-BN, CIFAR-10 subset)")
+    ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -74,11 +74,15 @@ def step_time(args) -> None:
     })
 
 
-def _ort_session(path: Path, threads: int):
+def _ort_session(path: Path, threads: int, spinning: bool = True):
+    """``spinning=False`` for sessions that take turns with torch: ONNX Runtime's threads otherwise
+    busy-wait after each run and starve whatever runs next on the same cores."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -95,7 +99,8 @@ def _ort_accuracy(path: Path, dm) -> float:
 
 
 def _export_fp32(model: torch.nn.Module, path: Path) -> None:
-    torch.onnx.export(copy.deepcopy(model).eval(), (torch.randn(1, 3, 32, 32),), str(path), input_names=["input"],
+    model = copy.deepcopy(model).float().eval().to(memory_format=torch.contiguous_format)
+    torch.onnx.export(model, (torch.randn(1, 3, 32, 32),), str(path), input_names=["input"],
                       output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
                       opset_version=17, dynamo=False)
 

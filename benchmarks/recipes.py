@@ -47,6 +47,7 @@ from lightning_compress.cli import build_cli
 from lightning_compress.data.cifar10_source import default_cache_dir, default_data_dir
 
 from .proxy import BATCH_SIZE, TEST_IMAGES, TRAIN_IMAGES
+from .quantization_proxy import _export_fp32, _ort_session
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -209,18 +210,8 @@ def _accuracy(predict, datamodule) -> float:
 
 
 def _ort_predict(path: Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = _ort_session(path, torch.get_num_threads())
     return lambda images: torch.from_numpy(session.run(None, {"input": images.numpy()})[0])
-
-
-def _export_fp32_onnx(model: nn.Module, path: Path) -> None:
-    model = copy.deepcopy(model).float().eval().to(memory_format=torch.contiguous_format)
-    torch.onnx.export(model, (torch.randn(1, 3, 32, 32),), str(path), input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
 
 
 def _state_dict_bytes(model: nn.Module) -> int:
@@ -270,7 +261,7 @@ def measure(cli, config: dict, run_dir: Path, peer: str | None) -> dict:
         if not (shared and shared.get("export")):
             save_compressed(net, artifact)
         fp32 = run_dir / "model.fp32.onnx"
-        _export_fp32_onnx(net, fp32)
+        _export_fp32(net, fp32)
         row.update(runtime="onnxruntime", accuracy=_accuracy(_ort_predict(fp32), dm),
                    file_format="packed (lightning_compress .lcpk)", latency_file=str(fp32.relative_to(WORK)))
         if peer is None and not config["model"].get("weights"):  # a baseline: also traced for torch.ao's row
@@ -359,20 +350,15 @@ def run(args: argparse.Namespace) -> None:
 def latency(args: argparse.Namespace) -> None:
     """Median batch-1 latency of every artifact; all take turns run by run, so drift hits them alike.
     Speedups are against the same model's baseline in the same runtime."""
-    import onnxruntime as ort
-
     data = _load()
     runners = {}
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = args.threads
-    # ONNX Runtime's threads spin after each run by default, which starved the torch runner that came
-    # next on two cores (torch.ao's model took 32 ms between ORT sessions and 0.46 ms alone).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     torch.set_num_threads(args.threads)
     for r in data["runs"]:
         path = WORK / r["latency_file"]
         if r["runtime"] == "onnxruntime":
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            # without spinning: spinning ORT threads starved the torch runner that came next on two
+            # cores (torch.ao's model took 32 ms between ORT sessions and 0.46 ms alone)
+            session = _ort_session(path, args.threads, spinning=False)
             runners[r["name"]] = lambda x, s=session: s.run(None, {"input": x.numpy()})
         else:
             runners[r["name"]] = torch.jit.load(str(path)).eval()

@@ -115,7 +115,8 @@ def frontier_plot(data: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
+
+    from .frontier import finish_ratio_plot
 
     rows = [r for r in data["runs"] if r["name"].startswith("vgg19/")]
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -134,15 +135,8 @@ def frontier_plot(data: dict, path: Path) -> None:
         placed.append(point)
         ax.annotate(name, point, fontsize=7,
                     xytext=(4, 3 - 9 * stacked), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}x"))
-    ax.axhline(0, color="grey", linewidth=0.8)
-    ax.set_xlabel("file on disk vs the baseline's fp32 state dict")
-    ax.set_ylabel("test accuracy change (points)")
-    ax.set_title("VGG19-BN recipes at CPU-proxy scale (quarter width, 10k CIFAR-10 images)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    finish_ratio_plot(fig, ax, path, "file on disk vs the baseline's fp32 state dict",
+                      "VGG19-BN recipes at CPU-proxy scale (quarter width, 10k CIFAR-10 images)")
     plt.close(fig)
 
 
