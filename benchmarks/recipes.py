@@ -41,7 +41,7 @@ import torch
 import yaml
 from torch import nn
 
-from lightning_compress import compression_report, load_compressed, save_compressed
+from lightning_compress import compression_report, save_compressed
 from lightning_compress.callbacks.targets import compressible_root
 from lightning_compress.cli import build_cli
 from lightning_compress.data.cifar10_source import default_cache_dir, default_data_dir
@@ -257,9 +257,16 @@ def measure(cli, config: dict, run_dir: Path, peer: str | None) -> dict:
         row.update(runtime="onnxruntime", accuracy=_accuracy(_ort_predict(artifact), dm),
                    file_format="ONNX QDQ int8", latency_file=str(artifact.relative_to(WORK)))
     else:
-        artifact = WORK / shared["export"] if shared and shared.get("export") else run_dir / "model.lcpk"
-        if not (shared and shared.get("export")):
-            save_compressed(net, artifact)
+        if shared and shared.get("export"):  # the recipe wrote it; WeightSharing kept its summary
+            artifact = WORK / shared["export"]
+            summary = next(c.export_summary for c in cli.trainer.callbacks if type(c).__name__ == "WeightSharing")
+        else:
+            artifact = run_dir / "model.lcpk"
+            summary = save_compressed(net, artifact)
+        weights = sum(sum(layer.part_bytes.values()) for layer in summary.layers)
+        row["packed_bytes"] = {"weights": weights, "other_tensors": summary.other_bytes,  # where the bytes go
+                               "manifest": summary.manifest_bytes, "header": summary.file_bytes - weights
+                               - summary.other_bytes - summary.manifest_bytes}
         fp32 = run_dir / "model.fp32.onnx"
         _export_fp32(net, fp32)
         row.update(runtime="onnxruntime", accuracy=_accuracy(_ort_predict(fp32), dm),
@@ -268,13 +275,6 @@ def measure(cli, config: dict, run_dir: Path, peer: str | None) -> dict:
             torch.jit.save(torch.jit.trace(copy.deepcopy(net).to(memory_format=torch.contiguous_format),
                                            torch.randn(1, 3, 32, 32)), run_dir / "model.fp32.pt")
     row.update(file=str(artifact.relative_to(WORK)), file_bytes=artifact.stat().st_size)
-    if artifact.suffix == ".lcpk":  # where the bytes go: weights, the other tensors, the manifest
-        summary = save_compressed(load_compressed(artifact), run_dir / "repacked.lcpk")
-        weights = sum(sum(layer.part_bytes.values()) for layer in summary.layers)
-        row["packed_bytes"] = {"weights": weights, "other_tensors": summary.other_bytes,
-                               "manifest": summary.manifest_bytes, "header": summary.file_bytes - weights
-                               - summary.other_bytes - summary.manifest_bytes}
-        (run_dir / "repacked.lcpk").unlink()
     return row
 
 
