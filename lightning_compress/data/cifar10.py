@@ -23,6 +23,8 @@ class CIFAR10DataModule(pl.LightningDataModule):
     The first run decodes the source into one uint8 tensor file in ``cache_dir``; later runs load that
     file (about a second). Batches travel to the device as uint8 and are cropped (4-px padding),
     flipped and normalised there in ``on_after_batch_transfer``, so the DataLoader does no per-image work.
+    A damaged cache file is rebuilt with a warning; a damaged source raises
+    :class:`~lightning_compress.data.cifar10_source.DamagedDataError` (a ``ValueError``) naming the file.
 
     Args:
         data_dir: folder holding the data (see :mod:`lightning_compress.data.cifar10_source`), or the zip

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import errno
+import random
+import re
 import time
+import warnings
 import zipfile
 
 import pytest
@@ -10,7 +14,14 @@ from torch.utils.data import DataLoader, DistributedSampler
 from lightning_compress import CIFAR10DataModule
 from lightning_compress.data import cifar10_source
 from lightning_compress.data.cifar10 import CIFAR10_MEAN, CIFAR10_STD
-from lightning_compress.data.cifar10_source import CLASSES, find_source, load_cifar10, prepare_cifar10
+from lightning_compress.data.cifar10_source import (
+    CLASSES,
+    DamagedDataError,
+    cache_path,
+    find_source,
+    load_cifar10,
+    prepare_cifar10,
+)
 from lightning_compress.data.tensor_dataset import TensorBatchDataset, keep_batch
 
 from ..conftest import TEST_PER_CLASS, TRAIN_PER_CLASS, write_tiny_cifar_zip
@@ -82,6 +93,153 @@ def test_cache_is_invalidated_when_source_changes(tmp_path, cache_dir):
     with zipfile.ZipFile(archive, "a") as zf:
         zf.writestr("README.txt", "changed")
     assert prepare_cifar10(tmp_path, cache_dir) != first
+
+
+def _assert_same(a, b) -> None:
+    for key, tensor in a.as_dict().items():
+        assert torch.equal(tensor, getattr(b, key)), key
+
+
+def _load_without_warnings(data_dir, cache_dir):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a sound cache must load silently
+        return load_cifar10(data_dir, cache_dir)
+
+
+def _truncate(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+def _garbage(data: bytes) -> bytes:
+    return random.Random(0).randbytes(len(data))
+
+
+def _flip_middle_byte(data: bytes) -> bytes:  # inside the train images: torch.load itself does not notice
+    middle = len(data) // 2
+    return data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :]
+
+
+@pytest.mark.parametrize(
+    "damage, problem",
+    [(_truncate, "torch.load fails"), (_garbage, "torch.load fails"), (_flip_middle_byte, "CRC-32")],
+    ids=["truncated", "garbage", "flipped-byte"],
+)
+def test_damaged_cache_is_rebuilt_by_setup_with_a_warning(tiny_cifar_dir, cache_dir, tmp_path, damage, problem):
+    fresh_dm = CIFAR10DataModule(str(tiny_cifar_dir), val_size=10, cache_dir=str(tmp_path / "fresh-cache"))
+    fresh_dm.setup()
+    target = prepare_cifar10(tiny_cifar_dir, cache_dir)
+    target.write_bytes(damage(target.read_bytes()))
+    dm = CIFAR10DataModule(str(tiny_cifar_dir), val_size=10, cache_dir=str(cache_dir))
+    with pytest.warns(UserWarning, match=rf"{re.escape(str(target))} is damaged.*{problem}.*rebuilt"):
+        dm.setup()
+    for name in ("train_set", "val_set", "test_set"):
+        ours, theirs = getattr(dm, name), getattr(fresh_dm, name)
+        assert torch.equal(ours.images, theirs.images) and torch.equal(ours.labels, theirs.labels), name
+    fresh = load_cifar10(tiny_cifar_dir, tmp_path / "fresh-cache")
+    _assert_same(_load_without_warnings(tiny_cifar_dir, cache_dir), fresh)
+
+
+def _drop_key(payload):
+    del payload["test_labels"]
+
+
+def _float_images(payload):
+    payload["train_images"] = payload["train_images"].float()
+
+
+def _one_label_short(payload):
+    payload["train_labels"] = payload["train_labels"][:-1]
+
+
+def _bad_label(payload):
+    payload["test_labels"] = payload["test_labels"] + 10
+
+
+@pytest.mark.parametrize(
+    "edit, problem",
+    [
+        (_drop_key, "not the keys"),
+        (_float_images, "train_images is not a uint8"),
+        (_one_label_short, "not an int64 tensor of 60 labels"),
+        (_bad_label, "outside 0..9"),
+    ],
+    ids=["missing-key", "wrong-dtype", "wrong-count", "bad-label"],
+)
+def test_cache_with_wrong_contents_is_rebuilt(tiny_cifar_dir, cache_dir, edit, problem):
+    target = prepare_cifar10(tiny_cifar_dir, cache_dir)
+    payload = torch.load(target, weights_only=True)
+    fresh = load_cifar10(tiny_cifar_dir, cache_dir)
+    edit(payload)
+    torch.save(payload, target)
+    with pytest.warns(UserWarning, match=rf"{re.escape(str(target))}.*{problem}"):
+        assert prepare_cifar10(tiny_cifar_dir, cache_dir) == target
+    _assert_same(_load_without_warnings(tiny_cifar_dir, cache_dir), fresh)
+
+
+def test_interrupted_cache_write_leaves_no_file_at_the_cache_path(tiny_cifar_dir, cache_dir, monkeypatch):
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 the first half of a cache")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cifar10_source.torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        prepare_cifar10(tiny_cifar_dir, cache_dir)
+    target = cache_path(cache_dir, *find_source(tiny_cifar_dir))
+    assert not target.exists()
+    assert list(cache_dir.iterdir()) == []  # the temporary file went too
+    monkeypatch.undo()
+    _check_tiny(load_cifar10(tiny_cifar_dir, cache_dir))
+    assert [p.name for p in cache_dir.iterdir()] == [target.name]
+
+
+def _assert_damaged_message(err: pytest.ExceptionInfo, path, *more: str) -> None:
+    assert isinstance(err.value, ValueError)
+    message = str(err.value)
+    fix = ("re-download or re-copy", "data_dir", "LIGHTNING_COMPRESS_DATA")
+    for expected in (str(path), "damaged or incomplete", *fix, *more):
+        assert expected in message, expected
+
+
+@pytest.mark.parametrize("as_data_dir", [False, True], ids=["in-data-dir", "zip-as-data-dir"])
+def test_truncated_source_zip_names_the_file_and_the_fix(tmp_path, cache_dir, as_data_dir):
+    archive = write_tiny_cifar_zip(tmp_path / "cifar10-jpeg.zip")
+    archive.write_bytes(_truncate(archive.read_bytes()))
+    with pytest.raises(DamagedDataError) as err:
+        prepare_cifar10(archive if as_data_dir else tmp_path, cache_dir)
+    _assert_damaged_message(err, archive, "zip archive")
+    assert not cache_dir.exists()
+
+
+def test_overwritten_zip_member_is_named(tmp_path, cache_dir):
+    archive = write_tiny_cifar_zip(tmp_path / "cifar10-jpeg.zip")
+    with zipfile.ZipFile(archive) as zf:
+        info = zf.getinfo("train/bird/0003.jpg")
+    data = bytearray(archive.read_bytes())
+    start = info.header_offset + 30 + len(info.filename) + 100  # past the local header, inside the JPEG
+    data[start : start + 16] = bytes(16)
+    archive.write_bytes(bytes(data))
+    with pytest.raises(DamagedDataError) as err:
+        prepare_cifar10(tmp_path, cache_dir)
+    _assert_damaged_message(err, archive, "'train/bird/0003.jpg'")
+
+
+def test_undecodable_jpeg_in_zip_is_named(tmp_path, cache_dir):
+    archive = write_tiny_cifar_zip(tmp_path / "cifar10-jpeg.zip")
+    with zipfile.ZipFile(archive, "a") as zf:
+        zf.writestr("test/ship/9999.jpg", b"not a jpeg at all")
+    with pytest.raises(DamagedDataError) as err:
+        prepare_cifar10(tmp_path, cache_dir)
+    _assert_damaged_message(err, archive, "'test/ship/9999.jpg'", "does not decode as a JPEG")
+
+
+def test_undecodable_jpeg_in_folder_is_named(tiny_cifar_dir, tmp_path, cache_dir):
+    with zipfile.ZipFile(tiny_cifar_dir / "cifar10-jpeg.zip") as zf:
+        zf.extractall(tmp_path / "unpacked")
+    broken = tmp_path / "unpacked" / "train" / "frog" / "0001.jpg"
+    broken.write_bytes(_truncate(broken.read_bytes()))
+    with pytest.raises(DamagedDataError) as err:
+        prepare_cifar10(tmp_path / "unpacked", cache_dir)
+    _assert_damaged_message(err, broken, "does not decode as a JPEG")
 
 
 def test_offline_without_data_names_places_and_fix(tmp_path, cache_dir):
