@@ -12,6 +12,7 @@ from .callbacks import (
 )
 from .data import CIFAR10DataModule, DigitsDataModule
 from .methods import compression_report
+from .methods.structure import plain_state_dict, restore_structure
 from .methods.sharing.packed import load_compressed, save_compressed
 from .models import create_model, list_models
 from .module import ImageClassifier
@@ -31,5 +32,7 @@ __all__ = [
     "create_model",
     "list_models",
     "load_compressed",
+    "plain_state_dict",
+    "restore_structure",
     "save_compressed",
 ]

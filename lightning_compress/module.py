@@ -11,12 +11,8 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from .methods.decomposition import restore_factorized
-from .methods.pruning.channels import resize_to_state_dict
+from .methods.structure import plain_state_dict, restore_structure
 from .models import create_model
-
-# Buffers that pruning adds beside a weight while it trains; a checkpoint saved mid-schedule has them.
-_TRAINING_ONLY_BUFFERS = ("weight_rewind", "weight_grad_sq")
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -34,16 +30,6 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if any(k.startswith("model.") for k in state):
         state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
     return state
-
-
-def fold_pruning_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Plain weights from a state dict saved mid-pruning: masks multiplied in, pruning buffers dropped."""
-    out = {k: v for k, v in state.items() if not k.endswith(("weight_mask",) + _TRAINING_ONLY_BUFFERS)}
-    for key, mask in state.items():
-        if key.endswith(".weight_mask") and key[: -len("_mask")] in out:
-            weight_key = key[: -len("_mask")]
-            out[weight_key] = out[weight_key] * mask.to(out[weight_key].dtype)
-    return out
 
 
 class ImageClassifier(pl.LightningModule):
@@ -102,11 +88,10 @@ class ImageClassifier(pl.LightningModule):
         self.save_hyperparameters()
         self.model = create_model(model, num_classes=num_classes, **(model_kwargs or {}))
         if weights:
-            # A compressed checkpoint starts a new run as plain weights: masks folded in, and layers
-            # resized where filter pruning removed channels.
-            state = fold_pruning_state(load_weights(weights))
-            restore_factorized(self.model, state)
-            resize_to_state_dict(self.model, state)
+            # A compressed checkpoint of any technique starts a new run as plain weights (masks folded
+            # in, fake-quant and codebook state dropped) in the shapes it was saved with.
+            state = plain_state_dict(load_weights(weights))
+            restore_structure(self.model, state)
             self.model.load_state_dict(state)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -116,12 +101,9 @@ class ImageClassifier(pl.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Runs before the checkpoint's state dict is loaded: a filter-pruned checkpoint has smaller
-        # layers than a freshly built model, a decomposed one has factor chains; both are rebuilt here
-        # so that the load succeeds.
-        state = {k[len("model.") :]: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith("model.")}
-        restored = restore_factorized(self.model, state)
-        if (resize_to_state_dict(self.model, state) or restored) and self.hparams.channels_last:
+        # Runs before the checkpoint's state dict is loaded (also in load_from_checkpoint, where no
+        # callback is around): give the fresh network the checkpoint's compressed structure.
+        if restore_structure(self.model, checkpoint.get("state_dict", {}), prefix="model.") and self.hparams.channels_last:
             self.model.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,8 @@ class SaveOutcome(pl.Callback):
         self.out = out
 
     def on_train_end(self, trainer, pl_module):  # before the callbacks finalize (on_fit_end)
-        state = {k: v.detach().cpu().clone() for k, v in pl_module.model.state_dict().items()}
+        # Tensors only: fake-quant layers also hold their formats (plain values) as extra state.
+        state = {k: v.detach().cpu().clone() for k, v in pl_module.model.state_dict().items() if torch.is_tensor(v)}
         kinds = (IterativePruning, WeightSharing, TensorDecomposition, QuantizationAwareTraining)
         methods = [c for c in trainer.callbacks if isinstance(c, kinds)]
         method = methods[0]

@@ -107,7 +107,8 @@ def add_mask(module: nn.Module, straight_through: bool = False, mask_in_forward:
         (True, 'MaskedConv2d', ['bias', 'weight', 'weight_mask'])
     """
     if not is_masked(module):
-        cls = _MASKED_CLASS.get(type(module))
+        # A class that is something else besides (a fake-quant layer) names its masked form itself.
+        cls = getattr(type(module), "masked_class", None) or _MASKED_CLASS.get(type(module))
         if cls is None:
             raise TypeError(
                 f"cannot mask a {type(module).__name__}: supported are {', '.join(c.__name__ for c in _MASKED_CLASS)}"

@@ -68,6 +68,10 @@ class PruningSchedule:
             done = min(rounds, step // steps_per_epoch - self.start_epoch + 1)
             return self.final * done / rounds
         end = self.end_epoch * steps_per_epoch
+        if step >= end:
+            # The final sparsity is due at end_epoch whatever the frequency: a frequency longer than the
+            # ramp would otherwise leave the target at its start for the whole ramp.
+            return self.final
         # AGP moves in steps of `frequency`: the target only changes at update steps.
         step = start + (step - start) // self.frequency * self.frequency
         progress = min(1.0, (step - start) / max(1, end - start))

@@ -5,6 +5,9 @@ Parameter objects: an optimizer built before the swap still trains it, and the w
 state dict do not change. What quantization learns lives in buffers that travel in checkpoints:
 
 * ``weight_bits``: bits per stored weight (the compression report reads it);
+* the formats, the per-channel flag and the observer momentum as the layer's ``_extra_state`` (plain
+  values), so that a state dict describes its fake-quant layers completely and
+  :func:`lightning_compress.methods.structure.restore_structure` rebuilds them from it alone;
 * ``activation_min`` / ``activation_max``: the input range seen so far, an exponential moving
   average of each batch's min and max (taken over all DDP processes, so every process uses the same
   scale); ``activation_observed`` says whether any batch was seen.
@@ -15,6 +18,7 @@ Python flags set by the callback: ``quant_enabled`` (fake-quant on or off: QAT c
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -99,6 +103,18 @@ class _QuantizedMixin:
         return {"note": f"{self.weight_format.scheme} w{self.weight_format.bits}"
                         + (f"/a{self.activation_format.bits}" if self.activation_format else "")}
 
+    def get_extra_state(self) -> dict[str, Any]:
+        # Plain values only: checkpoints load with weights_only=True.
+        return {
+            "weight_format": asdict(self.weight_format),
+            "activation_format": asdict(self.activation_format) if self.activation_format is not None else None,
+            "per_channel": bool(self.per_channel),
+            "momentum": float(self.momentum),
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        configure_layer(self, *quantization_config(state))
+
 
 class QuantConv2d(_QuantizedMixin, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,6 +146,11 @@ class QuantMaskedLinear(_QuantizedMixin, MaskedLinear):
         return F.linear(x, weight, self.bias)
 
 
+# What pruning turns a fake-quant layer into when it masks it after quantization (a checkpoint with masks
+# loaded into a model that a quantization callback prepared), and back.
+QuantConv2d.masked_class = QuantMaskedConv2d
+QuantLinear.masked_class = QuantMaskedLinear
+
 _QUANTIZED = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear, MaskedConv2d: QuantMaskedConv2d, MaskedLinear: QuantMaskedLinear}
 _UNQUANTIZED = {QuantConv2d: nn.Conv2d, QuantLinear: nn.Linear, QuantMaskedConv2d: MaskedConv2d, QuantMaskedLinear: MaskedLinear}
 
@@ -158,12 +179,27 @@ def quantize_layer(module: nn.Module, weight_format: Format, activation_format: 
         module.register_buffer("activation_observed", torch.zeros((), dtype=torch.bool, device=device))
         module.quant_enabled = True
         module.observing = True
+    configure_layer(module, weight_format, activation_format, momentum, per_channel)
+    return module
+
+
+def configure_layer(module: nn.Module, weight_format: Format, activation_format: Format | None,
+                    momentum: float, per_channel: bool) -> None:
     module.weight_bits.fill_(weight_format.bits)
     module.weight_format = weight_format
     module.activation_format = activation_format
     module.momentum = momentum
     module.per_channel = per_channel
-    return module
+
+
+def quantization_config(extra_state: dict[str, Any]) -> tuple[Format, Format | None, float, bool]:
+    """``(weight_format, activation_format, momentum, per_channel)`` from a layer's saved extra state."""
+    try:
+        activation = extra_state["activation_format"]
+        return (Format(**extra_state["weight_format"]), Format(**activation) if activation is not None else None,
+                float(extra_state["momentum"]), bool(extra_state["per_channel"]))
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"not the saved state of a fake-quant layer: {extra_state!r} ({error})") from error
 
 
 def dequantize_layer(module: nn.Module) -> nn.Module:

@@ -22,12 +22,20 @@ def test_agp_is_cubic_and_moves_in_frequency_steps():
     spe = 10
     assert s.target(9, spe) is None
     assert s.target(10, spe) == pytest.approx(0.1)
-    for step in range(10, 60):
+    for step in range(10, 50):
         quantised = 10 + (step - 10) // 7 * 7
         p = min(1.0, (quantised - 10) / 40)
         assert s.target(step, spe) == pytest.approx(0.9 + (0.1 - 0.9) * (1 - p) ** 3)
-    assert s.target(50, spe) == pytest.approx(0.9) or s.target(56, spe) == pytest.approx(0.9)
-    assert s.target(100, spe) == pytest.approx(0.9)
+    # From the first step of end_epoch on, the final sparsity, even off the frequency's grid (49 is).
+    assert s.target(49, spe) < 0.9
+    assert all(s.target(step, spe) == pytest.approx(0.9) for step in range(50, 100))
+
+
+def test_agp_reaches_its_final_sparsity_at_end_epoch_whatever_the_frequency():
+    s = PruningSchedule("agp", final=0.8, start_epoch=0, end_epoch=2, frequency=100)
+    assert s.target(0, steps_per_epoch=16) == 0.0
+    assert s.target(31, steps_per_epoch=16) == 0.0  # no update step inside a ramp shorter than the frequency
+    assert s.target(32, steps_per_epoch=16) == pytest.approx(0.8)
 
 
 @pytest.mark.parametrize(

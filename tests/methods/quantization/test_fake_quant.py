@@ -71,7 +71,10 @@ def test_swap_keeps_parameters_and_adds_buffers():
     weight = layer.weight
     quantize_layer(layer, Format(8, "symmetric"), Format(8, "affine"))
     assert layer.weight is weight
-    assert {"weight", "bias", "weight_bits", "activation_min", "activation_max", "activation_observed"} == set(layer.state_dict())
+    assert {"weight", "bias", "weight_bits", "activation_min", "activation_max", "activation_observed",
+            "_extra_state"} == set(layer.state_dict())
+    assert layer.state_dict()["_extra_state"]["weight_format"] == {"bits": 8, "scheme": "symmetric", "integer_bits": 0,
+                                                                  "rounding": "nearest"}
     layer.train()
     layer(torch.randn(5, 8) * 3)
     assert bool(layer.activation_observed) and layer.activation_max > 0
@@ -94,7 +97,7 @@ def test_calibrate_changes_no_weight_or_batchnorm_statistic():
     model(torch.randn(2, 3, 8, 8))
     for i in (0, 4):
         quantize_layer(model[i], Format(8, "symmetric"), Format(8, "affine"))
-    before = {k: v.clone() for k, v in model.state_dict().items() if "activation" not in k}
+    before = {k: v.clone() for k, v in model.state_dict().items() if "activation" not in k and not k.endswith("_extra_state")}
     seen = calibrate(model, [(torch.randn(4, 3, 8, 8), None) for _ in range(3)])
     assert seen == 3
     after = model.state_dict()
