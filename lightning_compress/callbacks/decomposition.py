@@ -8,7 +8,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from rich.console import Console
@@ -17,13 +16,14 @@ from rich.table import Table
 from torch import nn
 from typing_extensions import override
 
-from ..methods.decomposition import METHODS, LayerDecision, apply_plan, parse_rank, plan_decomposition
-from ..methods.decomposition.plan import METRICS, accepts, plan_from_state, plan_to_state, restore_factorized
-from .composition import ORDER, check_composition
+from ..methods.decomposition import METHODS, Factorized, LayerDecision, apply_plan, parse_rank, plan_decomposition
+from ..methods.decomposition.plan import METRICS, accepts, plan_from_state, plan_to_state
+from ..methods.structure import restore_structure
+from .base import CompressionCallback
 from .targets import compressible_root, resolve_targets
 
 
-class TensorDecomposition(Callback):
+class TensorDecomposition(CompressionCallback):
     """Replace convolutions and linear layers by low-rank factorizations, once, then fine-tune them.
 
     The factorized layers are chains of ordinary small layers (see
@@ -107,10 +107,10 @@ class TensorDecomposition(Callback):
             raise ValueError(f"rank_multiple={rank_multiple!r} must be an integer >= 1")
         if n_iter_max is not None and n_iter_max < 1:
             raise ValueError(f"n_iter_max={n_iter_max!r} must be >= 1 or None")
+        super().__init__(targets)
         self.method = method
         self.rank = rank
         self.epoch = epoch
-        self.targets = list(targets) if targets is not None else None
         self.target_compression = float(target_compression) if target_compression is not None else None
         self.metric = metric
         self.rank_multiple = rank_multiple
@@ -120,41 +120,38 @@ class TensorDecomposition(Callback):
         self.print_table = print_table
         self.decomposed = False  # checkpointed
         self.plan: list[LayerDecision] = []  # checkpointed
-        self._root: nn.Module | None = None
-        self._names: list[str] = []
-        self._hook = None
-        self._stage = "fit"
+
+    order = 0
+
+    def _state_key_fields(self) -> dict[str, Any]:
+        return {"method": self.method, "targets": self.targets, "rank": self.rank,
+                "target_compression": self.target_compression}
 
     # ------------------------------------------------------------------ structure
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        check_composition(trainer)
-        root = compressible_root(pl_module)
-        self._root = root
-        self._stage = stage
-        self._names = resolve_targets(root, self.targets, accepts(self.method), f"layer that {self.method!r} considers")
-        if self._hook is None:
-            # Before any checkpoint loads into the module, give it the checkpoint's factorized shapes.
-            prefix = next(name for name, module in pl_module.named_modules() if module is root)
-            prefix = prefix + "." if prefix else ""
+        root = self._attach(trainer, pl_module)
+        if self.decomposed:
+            # The targets named the dense layers, which are factor chains now (a test after fit, a second fit).
+            self._claim(trainer, root, [d.name for d in self.plan if d.method != "skip"])
+        else:
+            self._claim(trainer, root, self._resolve(root))
+            max_epochs = trainer.max_epochs if trainer is not None else None
+            if stage == "fit" and self.epoch == 0:
+                self.decompose(trainer, pl_module)
+            elif stage == "fit" and max_epochs is not None and 0 <= max_epochs <= self.epoch:
+                rank_zero_warn(f"TensorDecomposition(epoch={self.epoch}) never factorizes: fit has max_epochs={max_epochs}. "
+                               f"Use epoch < {max_epochs}.")
+        self._setup_done(pl_module)
 
-            def restore_shapes(module, state_dict, *args, **kwargs) -> None:
-                restore_factorized(root, state_dict, prefix)
-                if any(id(m) not in self._setup_modules for m in root.modules()):
-                    # Layers were replaced since setup (here, or by ImageClassifier.on_load_checkpoint):
-                    # the callbacks after this one (pruning, quantization, sharing) put their masks and
-                    # buffers on the old ones. Their setup is idempotent: let them find the factors.
-                    later = trainer.callbacks[trainer.callbacks.index(self) + 1 :]
-                    for callback in later:
-                        if type(callback).__name__ in ORDER:
-                            callback.setup(trainer, pl_module, self._stage)
-                    self._setup_modules = {id(m) for m in root.modules()}
-
-            self._hook = pl_module.register_load_state_dict_pre_hook(restore_shapes)
-        if stage == "fit" and self.epoch == 0 and not self.decomposed:
-            self.decompose(trainer, pl_module)
-        self._setup_modules = {id(m) for m in root.modules()}
+    def _resolve(self, root: nn.Module) -> list[str]:
+        # A layer may be factorized already, before this callback's state says so: a checkpoint with factor
+        # chains loads before the callback's state does. The chain stands for the layer it replaced.
+        inside = {id(m) for f in root.modules() if isinstance(f, Factorized) for m in f.modules() if m is not f}
+        accept = accepts(self.method)
+        return resolve_targets(root, self.targets, lambda m: isinstance(m, Factorized) or (id(m) not in inside and accept(m)),
+                               f"layer that {self.method!r} considers")
 
     def _example(self, trainer: pl.Trainer | None, root: nn.Module) -> torch.Tensor | None:
         size = self.input_size
@@ -170,8 +167,7 @@ class TensorDecomposition(Callback):
         """Plan the ranks from the current weights and factorize; the same plan on every process."""
         root = compressible_root(pl_module)
         if self._root is None:
-            self._root = root
-            self._names = resolve_targets(root, self.targets, accepts(self.method), f"layer that {self.method!r} considers")
+            self._root, self._names = root, self._resolve(root)
         example = self._example(trainer, root)
         if self.metric == "macs" and example is None:
             raise ValueError("metric='macs' needs input_size=(C, H, W) or a data module with an input_shape")
@@ -250,8 +246,13 @@ class TensorDecomposition(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.plan:
+        if not self.decomposed:
+            rank_zero_warn(f"TensorDecomposition never factorized in this fit (epoch={self.epoch}, fit ran "
+                           f"{trainer.current_epoch} epochs): the model is dense")
             return
+        if not any(d.method != "skip" for d in self.plan):
+            rank_zero_warn("TensorDecomposition factorized no layer: every targeted layer was kept "
+                           f"({'; '.join(f'{d.name}: {d.note}' for d in self.plan[:4])})")
         self._write(trainer)
 
     @rank_zero_only
@@ -272,12 +273,6 @@ class TensorDecomposition(Callback):
         self.decomposed = state_dict["decomposed"]
         self.plan = plan_from_state(state_dict["plan"])
 
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-
     @staticmethod
     def restore(model: nn.Module, checkpoint: str | Path | dict[str, Any]) -> nn.Module:
         """Load a checkpoint written during or after decomposition into a fresh (dense) ``model``.
@@ -288,14 +283,14 @@ class TensorDecomposition(Callback):
         """
         if not isinstance(checkpoint, dict):
             checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        state = checkpoint.get("state_dict", checkpoint)
+        state = dict(checkpoint.get("state_dict", checkpoint))
         root = compressible_root(model)
         prefix = next(name for name, module in model.named_modules() if module is root)
         prefix = prefix + "." if prefix else ""
         for key, value in (checkpoint.get("callbacks") or {}).items():
             if key.startswith("TensorDecomposition") and isinstance(value, dict) and value.get("decomposed"):
                 apply_plan(root, plan_from_state(value["plan"]), from_weights=False)
-        restore_factorized(root, state, prefix)
+        restore_structure(root, state, prefix)
         model.load_state_dict(state)
         return model
 

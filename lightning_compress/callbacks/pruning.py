@@ -7,7 +7,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
@@ -16,11 +15,11 @@ from ..methods.pruning import masks as M
 from ..methods.pruning import selection as S
 from ..methods.pruning.schedule import PruningSchedule
 from ..methods.sharing.codebook import is_shared
-from .composition import check_composition
-from .targets import compressible_root, first_match, lookup, resolve_targets
+from .base import CompressionCallback
+from .targets import compressible_root, first_match, resolve_targets
 
 
-class IterativePruning(Callback):
+class IterativePruning(CompressionCallback):
     """Prune Conv / Linear weights on a schedule while the model trains.
 
     Masks are bool buffers beside the weights (``<layer>.weight_mask``): state-dict keys of the
@@ -125,6 +124,7 @@ class IterativePruning(Callback):
             raise ValueError(f"obd_batches={obd_batches} must be >= 1")
         if rewind_epoch is not None and not 0 <= rewind_epoch <= start_epoch:
             raise ValueError(f"rewind_epoch={rewind_epoch} must be in [0, start_epoch={start_epoch}]")
+        super().__init__(targets)
         # The schedule validates sparsity, epochs and frequency with the argument names users wrote.
         self.schedule = PruningSchedule(schedule, final, start_epoch, end_epoch, initial_sparsity, frequency)
         self.sparsity = dict(sparsity) if isinstance(sparsity, dict) else final
@@ -135,7 +135,6 @@ class IterativePruning(Callback):
         self.criterion = criterion
         self.norm = norm
         self.obd_batches = obd_batches
-        self.targets = list(targets) if targets is not None else None
         self.rewind_epoch = rewind_epoch
         self.make_permanent = make_permanent
         self.log_layers = log_layers
@@ -145,16 +144,15 @@ class IterativePruning(Callback):
         self.history: list[tuple[int, float]] = []
         self.rewind_saved = False
         self.obd_count = 0
-        # Built in setup from the arguments alone. Layers are looked up by name at each use: a module
-        # may be replaced after setup (a checkpoint of a filter-pruned model resizes its layers).
-        self._root: nn.Module | None = None
-        self._names: list[str] = []
+        # Built in setup from the arguments alone.
         self._groups: dict[str, Any] = {}
         self._bn_hooks: list = []
 
-    @property
-    def _layers(self) -> dict[str, nn.Module]:
-        return lookup(self._root, self._names)
+    order = 1
+
+    def _state_key_fields(self) -> dict[str, Any]:
+        return {"targets": self.targets, "sparsity": self.sparsity, "structure": self.structure,
+                "start_epoch": self.schedule.start_epoch}
 
     # ------------------------------------------------------------------ structure (setup)
 
@@ -200,26 +198,70 @@ class IterativePruning(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        check_composition(trainer)
-        model = compressible_root(pl_module)
+        model = self._attach(trainer, pl_module)
         names = self._candidates(model)
-        modules = dict(model.named_modules())
-        for name in names:
+        self._claim(trainer, model, names)
+        for layer in self.layers.values():
+            pruned_before = bool(self.history) and not M.is_masked(layer)
             # Without rehabilitation pruned weights are exact zeros, so the forward can stay dense and
             # only gradients are masked (on_before_optimizer_step): cheaper than masking the weight.
-            M.add_mask(modules[name], straight_through=self.rehabilitation, mask_in_forward=False)
-        self._root, self._names = model, names
-        for layer in self._layers.values():
+            M.add_mask(layer, straight_through=self.rehabilitation, mask_in_forward=False)
+            if pruned_before:  # a second fit after the masks were folded: the zeros are the mask
+                M.set_mask(layer, layer.weight != 0)
             # Registered now, before weights load, so that a checkpoint's values fill them.
             if self.rewind_epoch is not None and "weight_rewind" not in layer._buffers:
                 layer.register_buffer("weight_rewind", torch.zeros_like(layer.weight))
             if self.criterion == "obd" and "weight_grad_sq" not in layer._buffers:
                 layer.register_buffer("weight_grad_sq", torch.zeros_like(layer.weight, dtype=torch.float32))
-        if self.structure == "filter" and not self._bn_hooks:
+        if self.structure == "filter":
+            # Again on every setup: a checkpoint with removed channels replaces the BatchNorm layers.
+            for handle in self._bn_hooks:
+                handle.remove()
+            modules = dict(model.named_modules())
+            self._bn_hooks = []
             for name in names:
                 norm = self._groups[name].norm
                 after = modules[norm] if norm else modules[name]
                 self._bn_hooks.append(after.register_forward_hook(_zero_pruned_channels(model, name)))
+        if stage == "fit":
+            self._warn_if_out_of_reach(trainer)
+        self._setup_done(pl_module)
+
+    def _warn_if_out_of_reach(self, trainer: pl.Trainer | None) -> None:
+        """A schedule that the fit's epochs cannot hold does little or nothing: say so before any work."""
+        max_epochs = trainer.max_epochs if trainer is not None else None
+        if max_epochs is None or max_epochs < 0:
+            return
+        start, end = self.schedule.start_epoch, self.schedule.end_epoch
+        if start >= max_epochs:
+            rank_zero_warn(f"IterativePruning(start_epoch={start}) never prunes: fit has max_epochs={max_epochs}. "
+                           f"Use start_epoch < {max_epochs}.")
+        elif self.schedule.kind == "agp" and end >= max_epochs:
+            rank_zero_warn(
+                f"IterativePruning(schedule='agp', end_epoch={end}) reaches sparsity {self.schedule.final} at the "
+                f"start of epoch {end}, but fit has max_epochs={max_epochs}: it ends below it. Use end_epoch < "
+                f"{max_epochs} (epochs after end_epoch fine-tune the pruned network)."
+            )
+        elif self.schedule.kind == "iterative" and end >= max_epochs:
+            rank_zero_warn(f"IterativePruning(schedule='iterative', end_epoch={end}) prunes its last round at the "
+                           f"start of epoch {end}, but fit has max_epochs={max_epochs}. Use end_epoch < {max_epochs}.")
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        steps_per_epoch = self._steps_per_epoch(trainer)
+        ramp = (self.schedule.end_epoch - self.schedule.start_epoch) * steps_per_epoch
+        frequency = self.schedule.frequency
+        if self.schedule.kind == "agp" and frequency > ramp // 2:
+            rank_zero_warn(
+                f"IterativePruning(frequency={frequency}) updates the AGP target every {frequency} steps, but the ramp "
+                f"from epoch {self.schedule.start_epoch} to {self.schedule.end_epoch} has {ramp} steps "
+                f"({steps_per_epoch} per epoch): the sparsity jumps to {self.schedule.final} at end_epoch instead of "
+                f"rising gradually. Use frequency <= {max(1, ramp // 10)}."
+            )
+        if self.rehabilitation and self._splicing(trainer.global_step + frequency, steps_per_epoch) is False:
+            rank_zero_warn(f"IterativePruning(rehabilitation=True, frequency={frequency}): no mask update falls "
+                           f"before end_epoch={self.schedule.end_epoch}, so no pruned weight can be spliced back. "
+                           f"Use frequency <= {max(1, ramp // 10)}.")
 
     # ------------------------------------------------------------------ schedule (training)
 
@@ -234,7 +276,7 @@ class IterativePruning(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.rewind_epoch is not None and not self.rewind_saved and trainer.current_epoch >= self.rewind_epoch:
             with torch.no_grad():
-                for layer in self._layers.values():
+                for layer in self.layers.values():
                     layer.weight_rewind.copy_(layer.weight)
             self.rewind_saved = True
 
@@ -258,7 +300,7 @@ class IterativePruning(Callback):
             return
         if self.criterion == "obd" and self.obd_count < self.obd_batches:
             return  # not enough squared gradients yet: the update waits for them
-        if any(is_shared(layer) for layer in self._layers.values()):
+        if any(is_shared(layer) for layer in self.layers.values()):
             return  # WeightSharing has clustered these weights: the codes fix which ones are kept
         self.update_masks(target, trainer)
         self.last_update_step = step
@@ -268,7 +310,7 @@ class IterativePruning(Callback):
         pl_module.log("pruning/sparsity", sparsity, on_step=True, on_epoch=False, sync_dist=False)
         pl_module.log("pruning/target", target, on_step=True, on_epoch=False, sync_dist=False)
         if self.log_layers:
-            for name, layer in self._layers.items():
+            for name, layer in self.layers.items():
                 pl_module.log(f"pruning/sparsity/{name}", _layer_sparsity(layer), on_step=True, on_epoch=False)
 
     def _splicing(self, step: int, steps_per_epoch: int) -> bool:
@@ -284,13 +326,13 @@ class IterativePruning(Callback):
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         if not self.rehabilitation:
-            M.mask_gradients(self._layers.values())
+            M.mask_gradients(self.layers.values())
         if self.criterion != "obd":
             return
         if self.schedule.target(trainer.global_step + self.obd_batches, self._steps_per_epoch(trainer)) is None:
             return  # the first update is further away than the gradients it will average
         with torch.no_grad():
-            for layer in self._layers.values():
+            for layer in self.layers.values():
                 if layer.weight.grad is not None:
                     layer.weight_grad_sq.add_(layer.weight.grad.float().square())
         self.obd_count += 1
@@ -299,7 +341,7 @@ class IterativePruning(Callback):
     def update_masks(self, target: float, trainer: pl.Trainer | None = None) -> None:
         """Recompute every mask for sparsity ``target`` from the current (dense) weights."""
         scores = {}
-        for name, layer in self._layers.items():
+        for name, layer in self.layers.items():
             hessian = layer.weight_grad_sq / max(1, self.obd_count) if self.criterion == "obd" else None
             score = S.weight_scores(layer.weight, self.criterion, hessian)
             if self.structure == "filter":
@@ -314,41 +356,45 @@ class IterativePruning(Callback):
             keep = S.global_keep(scores, target)
         else:
             keep = S.layer_keep(scores, {name: self.layer_sparsity(name, target) for name in scores})
-        for name, layer in self._layers.items():
+        for name, layer in self.layers.items():
             mask = S.expand_filter_mask(keep[name], layer.weight) if self.structure == "filter" else keep[name]
             M.set_mask(layer, mask, zero_pruned=not self.rehabilitation)
-        M.broadcast_masks(self._layers.values())
+        M.broadcast_masks(self.layers.values())
         if not self.rehabilitation:
             if trainer is not None:
                 for optimizer in trainer.optimizers:
-                    M.clear_pruned_optimizer_state(optimizer, self._layers.values())
-            for layer in self._layers.values():  # a broadcast may have changed a mask: re-zero
+                    M.clear_pruned_optimizer_state(optimizer, self.layers.values())
+            for layer in self.layers.values():  # a broadcast may have changed a mask: re-zero
                 layer.weight.masked_fill_(~layer.weight_mask, 0)
         if self.rewind_saved:
-            for layer in self._layers.values():
+            for layer in self.layers.values():
                 layer.weight.copy_(torch.where(layer.weight_mask, layer.weight_rewind, torch.zeros_like(layer.weight)))
         if self.criterion == "obd":
-            for layer in self._layers.values():
+            for layer in self.layers.values():
                 layer.weight_grad_sq.zero_()
             self.obd_count = 0
 
     def sparsity_now(self) -> float:
         """Fraction of the targeted weights that are masked now."""
-        total = sum(layer.weight_mask.numel() for layer in self._layers.values())
-        kept = sum(int(layer.weight_mask.sum()) for layer in self._layers.values())
+        total = sum(layer.weight_mask.numel() for layer in self.layers.values())
+        kept = sum(int(layer.weight_mask.sum()) for layer in self.layers.values())
         return 1.0 - kept / total if total else 0.0
 
     # ------------------------------------------------------------------ end of fit
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.history or self.history[-1][1] == 0:
+            rank_zero_warn(
+                f"IterativePruning pruned nothing in this fit (schedule {self.schedule.kind!r} from epoch "
+                f"{self.schedule.start_epoch}, fit ran {trainer.current_epoch} epochs / {trainer.global_step} steps); "
+                "the model is unpruned"
+            )
         if not self.make_permanent:
             return
         self.finalize(pl_module)
-        if self.history:
+        if self.history and self.history[-1][1] > 0:
             rank_zero_info(f"IterativePruning: masks folded into the weights at sparsity {self.history[-1][1]:.4f}")
-        else:
-            rank_zero_info("IterativePruning: the schedule never started; nothing was pruned")
 
     def finalize(self, pl_module: nn.Module) -> None:
         """Fold masks into weights and drop pruning buffers; for filters, remove the channels."""
@@ -356,7 +402,7 @@ class IterativePruning(Callback):
         for handle in self._bn_hooks:
             handle.remove()
         self._bn_hooks = []
-        layers = {name: layer for name, layer in self._layers.items() if M.is_masked(layer)}
+        layers = {name: layer for name, layer in self.layers.items() if M.is_masked(layer)}
         channel_keep = {}
         if self.structure == "filter":
             channel_keep = {name: layer.weight_mask.flatten(1).any(1).clone() for name, layer in layers.items()}
@@ -372,6 +418,7 @@ class IterativePruning(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
         # validate / test rebuilt the masks in setup so that a mid-schedule checkpoint loads;
         # leave the model as fit leaves it.
         if stage != "fit" and self.make_permanent and self._root is not None:

@@ -8,20 +8,19 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
 from ..methods.quantization import ROUNDINGS, Format, calibrate, can_quantize, dequantize_layer, quantize_layer
 from ..methods.quantization.formats import check_bits, check_fixed_point, check_scheme
-from .composition import check_composition
-from .targets import compressible_root, lookup, resolve_targets
+from .base import CompressionCallback
+from .targets import batch_inputs, compressible_root, resolve_targets
 
 MODES = ("qat", "ptq")
 
 
-class QuantizationAwareTraining(Callback):
+class QuantizationAwareTraining(CompressionCallback):
     """Fake-quantize the weights and input activations of Conv2d / Linear layers while training (QAT),
     or only calibrate the activation ranges on training batches without any update (PTQ).
 
@@ -116,6 +115,7 @@ class QuantizationAwareTraining(Callback):
                     max(1, activation_bits // 2), activation_bits - max(1, activation_bits // 2))
         elif fixed_point is not None or activation_fixed_point is not None:
             raise ValueError(f"fixed_point / activation_fixed_point apply to scheme='fixed_point', not {scheme!r}")
+        super().__init__(targets)
         self.weight_bits = weight_bits
         self.activation_bits = activation_bits
         self.scheme = scheme
@@ -130,7 +130,6 @@ class QuantizationAwareTraining(Callback):
         self.rounding = rounding
         self.binary_activations = binary_activations
         self.momentum = momentum
-        self.targets = list(targets) if targets is not None else None
         self.fold_at_end = fold_at_end
         if export_onnx is not None and (scheme in ("fixed_point", "binary") or weight_bits > 8
                                         or (activation_bits is not None and activation_bits > 8)):
@@ -139,8 +138,13 @@ class QuantizationAwareTraining(Callback):
         self.export_onnx = export_onnx
         self.export_summary = None
         self.calibrated = False  # checkpointed (PTQ)
-        self._root: nn.Module | None = None
-        self._names: list[str] = []
+        self.enabled = False  # fake quantization was on at some step of this fit
+
+    order = 2
+
+    def _state_key_fields(self) -> dict[str, Any]:
+        return {"targets": self.targets, "weight_bits": self.weight_bits, "activation_bits": self.activation_bits,
+                "scheme": self.scheme, "mode": self.mode}
 
     def weight_format(self) -> Format:
         if self.scheme == "fixed_point":
@@ -158,26 +162,26 @@ class QuantizationAwareTraining(Callback):
             return Format(1, "binary", rounding=self.rounding)
         return Format(self.activation_bits, "symmetric" if self.scheme == "symmetric" else "affine")
 
-    @property
-    def _layers(self) -> dict[str, nn.Module]:
-        return lookup(self._root, self._names)
-
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        check_composition(trainer)
-        root = compressible_root(pl_module)
-        self._root = root
-        self._names = resolve_targets(root, self.targets, can_quantize, "Conv2d/Linear layer")
+        root = self._attach(trainer, pl_module)
+        self._claim(trainer, root, resolve_targets(root, self.targets, can_quantize, "Conv2d/Linear layer"))
         # Before any checkpoint loads: its scales and ranges fill these buffers.
-        for index, (name, layer) in enumerate(self._layers.items()):
+        for index, (name, layer) in enumerate(self.layers.items()):
             quantize_layer(layer, self.weight_format(), self.activation_format(first=index == 0), self.momentum,
                            self.per_channel)
+        max_epochs = trainer.max_epochs if trainer is not None else None
+        if stage == "fit" and self.mode == "qat" and max_epochs is not None and 0 <= max_epochs <= self.start_epoch:
+            rank_zero_warn(f"QuantizationAwareTraining(start_epoch={self.start_epoch}) never fake-quantizes: fit has "
+                           f"max_epochs={max_epochs}. Use start_epoch < {max_epochs}.")
+        self._setup_done(pl_module)
 
     def _set_flags(self, epoch: int) -> None:
         observing = self.mode == "qat" and (self.freeze_observers_epoch is None or epoch < self.freeze_observers_epoch)
-        for layer in self._layers.values():
+        for layer in self.layers.values():
             layer.quant_enabled = self.mode == "ptq" or epoch >= self.start_epoch
             layer.observing = observing
+        self.enabled = self.enabled or self.mode == "ptq" or epoch >= self.start_epoch
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -185,8 +189,7 @@ class QuantizationAwareTraining(Callback):
             return
         if not self.calibrated:
             def forward(model, batch):
-                images, _ = trainer.strategy.batch_to_device(batch)
-                model(images)
+                model(batch_inputs(trainer.strategy.batch_to_device(batch)))
 
             seen = calibrate(pl_module, islice(trainer.train_dataloader, self.calibration_batches), forward)
             self.calibrated = True
@@ -213,22 +216,26 @@ class QuantizationAwareTraining(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
         if self.scheme == "binary":
             with torch.no_grad():  # BinaryConnect: the real-valued weights stay in [-1, 1]
-                for layer in self._layers.values():
+                for layer in self.layers.values():
                     layer.weight.clamp_(-1, 1)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.enabled:
+            rank_zero_warn(f"QuantizationAwareTraining never fake-quantized in this fit (start_epoch={self.start_epoch}, "
+                           f"fit ran {trainer.current_epoch} epochs): the model trained in floating point")
         if self.export_onnx and trainer.global_rank == 0:
             self._export(trainer, pl_module)
         if self.fold_at_end:
-            for layer in self._layers.values():
+            for layer in self.layers.values():
                 dequantize_layer(layer)
 
     def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from ..methods.quantization.export import export_onnx
 
         loader = trainer.datamodule.train_dataloader() if trainer.datamodule is not None else trainer.train_dataloader
-        batches = [trainer.strategy.batch_to_device(batch)[0].cpu()
+        # batch_to_device applies the data module's on_after_batch_transfer (normalisation, for one).
+        batches = [batch_inputs(trainer.strategy.batch_to_device(batch)).cpu()
                    for batch in islice(loader, self.calibration_batches)]
         self.export_summary = export_onnx(compressible_root(pl_module), Path(self.export_onnx), batches)
         s = self.export_summary

@@ -7,8 +7,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from rich.console import Console
 from rich.progress import Progress
@@ -20,11 +19,11 @@ from ..methods.optim_state import zero_weight_state
 from ..methods.pruning import masks as M
 from ..methods.sharing import codebook as C
 from ..methods.sharing.kmeans import INITS
-from .composition import check_composition
-from .targets import compressible_root, first_match, lookup, resolve_targets
+from .base import CompressionCallback
+from .targets import compressible_root, first_match, resolve_targets
 
 
-class WeightSharing(Callback):
+class WeightSharing(CompressionCallback):
     """Share each layer's weights through a codebook of 2^bits centroids found by 1-D k-means.
 
     Pruned weights (exact zeros, or masked by :class:`IterativePruning`) stay zero and take no
@@ -89,18 +88,21 @@ class WeightSharing(Callback):
             raise ValueError(f"iters={iters} must be >= 1")
         if centroid_gradient not in ("sum", "mean"):
             raise ValueError(f"centroid_gradient={centroid_gradient!r} is not known; valid: 'sum', 'mean'")
+        super().__init__(targets)
         self.bits = dict(bits) if isinstance(bits, dict) else bits
         self.init = init
         self.epoch = epoch
         self.finetune = finetune
         self.export = export
-        self.targets = list(targets) if targets is not None else None
         self.iters = iters
         self.centroid_gradient = centroid_gradient
         self.clustered = False  # checkpointed
         self.export_summary = None  # PackedSummary of the file written at fit end
-        self._root: nn.Module | None = None
-        self._names: list[str] = []
+
+    order = 3
+
+    def _state_key_fields(self) -> dict[str, Any]:
+        return {"targets": self.targets, "bits": self.bits}
 
     def layer_bits(self, name: str) -> int | None:
         if isinstance(self.bits, int):
@@ -108,28 +110,28 @@ class WeightSharing(Callback):
         glob = first_match(name, self.bits)
         return self.bits[glob] if glob is not None else None
 
-    @property
-    def _layers(self) -> dict[str, nn.Module]:
-        return lookup(self._root, self._names)
-
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        check_composition(trainer)
-        model = compressible_root(pl_module)
+        model = self._attach(trainer, pl_module)
         names = resolve_targets(model, self.targets, M.is_prunable, "Conv/Linear layer")
         names = [n for n in names if self.layer_bits(n) is not None]
         if not names:
             raise ValueError(f"bits globs {list(self.bits)!r} match none of the targeted layers")
-        self._root, self._names = model, names
+        self._claim(trainer, model, names)
         if self.epoch is not None:
             # Before weights load, so a checkpoint saved after clustering fills them.
-            for name, layer in self._layers.items():
+            for name, layer in self.layers.items():
                 C.add_codebook_buffers(layer, self.layer_bits(name))
+            max_epochs = trainer.max_epochs if trainer is not None else None
+            if stage == "fit" and max_epochs is not None and 0 <= max_epochs <= self.epoch:
+                rank_zero_warn(f"WeightSharing(epoch={self.epoch}) is after the fit's last epoch (max_epochs={max_epochs}): "
+                               "the weights are shared at fit end instead, without centroid fine-tuning")
+        self._setup_done(pl_module)
 
     @torch.no_grad()
     def cluster(self, trainer: pl.Trainer | None = None) -> None:
         """Run k-means on every targeted layer and snap the weights to their centroids."""
-        layers = self._layers
+        layers = self.layers
         quiet = (trainer is not None and trainer.global_rank != 0) or not Console().is_terminal
         with Progress(transient=True, disable=quiet) as progress:
             task = progress.add_task("WeightSharing: k-means", total=len(layers))
@@ -154,7 +156,7 @@ class WeightSharing(Callback):
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.clustered:
             return
-        for layer in self._layers.values():
+        for layer in self.layers.values():
             if self.finetune:
                 C.tie_gradients(layer, self.centroid_gradient)
             elif layer.weight.grad is not None:
@@ -163,7 +165,7 @@ class WeightSharing(Callback):
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
         if self.clustered:
-            for layer in self._layers.values():
+            for layer in self.layers.values():
                 C.sync_to_codebook(layer)
 
     @override
@@ -176,9 +178,12 @@ class WeightSharing(Callback):
 
     def finalize(self, pl_module: nn.Module) -> None:
         """Fold pruning masks (shared values are only defined where kept) and drop the sharing buffers."""
-        for layer in self._layers.values():
+        for layer in self.layers.values():
             M.remove_mask(layer, fold=True)
             C.remove_codebook_buffers(layer)
+        # The codes are gone with their buffers: a second fit clusters again (the shared weights are
+        # their own centroids, so k-means finds them back).
+        self.clustered = False
 
     @rank_zero_only
     def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -196,8 +201,9 @@ class WeightSharing(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
         if stage != "fit" and self._root is not None:
-            for layer in self._layers.values():
+            for layer in self.layers.values():
                 C.remove_codebook_buffers(layer)
 
     @override

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from fnmatch import fnmatchcase
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
+import torch
 from torch import nn
 
 
@@ -48,3 +49,22 @@ def lookup(root: nn.Module | None, names: list[str]) -> dict[str, nn.Module]:
     checkpoint resizes layers before it loads).
     """
     return {name: root.get_submodule(name) for name in names} if root is not None else {}
+
+
+def batch_inputs(batch: Any) -> torch.Tensor:
+    """The network's input in a batch: the batch itself, its first element, or its ``"input"`` entry.
+
+    What calibration and export feed the network; other batch layouts name the fix.
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    if isinstance(batch, dict):
+        for key in ("input", "inputs", "x", "image", "images"):
+            if isinstance(batch.get(key), torch.Tensor):
+                return batch[key]
+    raise ValueError(
+        f"cannot find the network's input in a training batch of type {type(batch).__name__}: batches must be a "
+        "tensor, a tuple / list whose first element is the input, or a dict with an 'input' tensor"
+    )

@@ -189,7 +189,7 @@ def test_logs_sparsity_and_report_reads_it(tmp_path):
     assert values and values[-1] == pytest.approx(0.75, abs=0.005)
     assert any(r.get("pruning/sparsity/features.0") for r in rows)
     pruned = sum(layer.params - layer.nonzeros for layer in report.last_report.layers)
-    targeted = sum(m.weight.numel() for m in pruning._layers.values())
+    targeted = sum(m.weight.numel() for m in pruning.layers.values())
     assert pruned / targeted == pytest.approx(0.75, abs=0.005)
 
 

@@ -1,0 +1,144 @@
+"""What the compression callbacks share: their layers by name, their place in a pipeline, a checkpoint
+key per instance, and the hook that rebuilds a checkpoint's compressed structure before it loads."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, ClassVar, Iterable
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+from typing_extensions import override
+
+from ..methods.structure import restore_structure
+from .targets import compressible_root, lookup
+
+
+class CompressionCallback(Callback):
+    """Base of the compression callbacks (not used on its own).
+
+    Subclasses resolve their ``targets`` in ``setup`` into layer names (:meth:`_claim`) and look the
+    layers up by name at each use (:attr:`layers`): a layer may be replaced after setup, when a
+    checkpoint with factorized layers or removed channels loads.
+
+    Several instances of one callback may share a Trainer (different layers, different settings):
+    each has its own :attr:`state_key` in the checkpoint, and two instances may not claim one layer.
+    """
+
+    #: the pipeline's order of structural changes: decompose, prune, quantize, share
+    order: ClassVar[int] = 0
+
+    def __init__(self, targets: Iterable[str] | None = None) -> None:
+        self.targets = list(targets) if targets is not None else None
+        self._root: nn.Module | None = None
+        self._names: list[str] = []
+
+    @property
+    def layers(self) -> dict[str, nn.Module]:
+        """The layers this callback compresses, by name, as the network holds them now."""
+        return lookup(self._root, self._names)
+
+    def _state_key_fields(self) -> dict[str, Any]:
+        """The arguments that tell two instances of this callback apart in a checkpoint."""
+        return {"targets": self.targets}
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(**self._state_key_fields())
+
+    def _attach(self, trainer: pl.Trainer | None, pl_module: pl.LightningModule) -> nn.Module:
+        """The start of ``setup``: check the pipeline, install the restore hook; returns the network."""
+        from .composition import check_composition
+
+        check_composition(trainer)
+        if trainer is not None:
+            _install_restore_hook(trainer, pl_module)
+        return compressible_root(pl_module)
+
+    def _claim(self, trainer: pl.Trainer | None, root: nn.Module, names: list[str]) -> None:
+        """Take ``names`` as this callback's layers; another instance of the same class may not have them."""
+        if trainer is not None:
+            for other in trainer.callbacks:
+                if other is self or type(other) is not type(self) or other._root is not root:
+                    continue
+                shared = sorted(set(names) & set(other._names))
+                if shared:
+                    raise ValueError(
+                        f"two {type(self).__name__} callbacks both target {shared[:6]}"
+                        f"{' ...' if len(shared) > 6 else ''}; give each its own layers with disjoint `targets` "
+                        f"(now {other.targets!r} and {self.targets!r})"
+                    )
+        self._root, self._names = root, names
+
+    def _setup_done(self, pl_module: pl.LightningModule) -> None:
+        """The end of ``setup``: the layers as they are now are the ones a checkpoint may replace."""
+        hook = _HOOKS.get(pl_module)
+        if hook is not None:
+            hook.remember()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        hook = _HOOKS.pop(pl_module, None)
+        if hook is not None:
+            hook.handle.remove()
+
+
+def compression_callbacks(trainer: pl.Trainer | None) -> list[CompressionCallback]:
+    return [c for c in trainer.callbacks if isinstance(c, CompressionCallback)] if trainer is not None else []
+
+
+class _RestoreHook:
+    """Before the LightningModule loads a state dict, give its network the state dict's structure.
+
+    Lightning loads a checkpoint after the callbacks' ``setup`` and before their own state: so the
+    structure must come from the state dict itself (:func:`restore_structure`). When that replaced
+    layers (factorized ones, removed channels), the compression callbacks' layers are stale: their
+    ``setup`` (idempotent) runs again, in order, so that masks, fake-quant and codebooks sit on the new
+    layers before the values load.
+    """
+
+    def __init__(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.trainer = weakref.ref(trainer)
+        self.module = weakref.ref(pl_module)
+        self.known: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        this = weakref.ref(self)
+
+        # A plain function as the registered hook: it deep-copies with the module by reference.
+        def pre_hook(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+            hook = this()
+            if hook is not None:
+                hook(state_dict, prefix)
+
+        self.handle = pl_module.register_load_state_dict_pre_hook(pre_hook)
+
+    def remember(self) -> None:
+        pl_module = self.module()
+        if pl_module is not None:
+            self.known = weakref.WeakSet(compressible_root(pl_module).modules())
+
+    def __call__(self, state_dict: dict, prefix: str) -> None:
+        pl_module, trainer = self.module(), self.trainer()
+        if pl_module is None:
+            return
+        root = compressible_root(pl_module)
+        inner = next(name for name, module in pl_module.named_modules() if module is root)
+        restore_structure(root, state_dict, prefix + (inner + "." if inner else ""))
+        if trainer is not None and any(m not in self.known for m in root.modules()):
+            for callback in compression_callbacks(trainer):
+                callback.setup(trainer, pl_module, trainer.state.fn)
+            # Masks and buffers now sit on the new layers; fill in what the state dict lacks for them.
+            restore_structure(root, state_dict, prefix + (inner + "." if inner else ""))
+            self.remember()
+
+
+_HOOKS: weakref.WeakKeyDictionary[nn.Module, _RestoreHook] = weakref.WeakKeyDictionary()
+
+
+def _install_restore_hook(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    hook = _HOOKS.get(pl_module)
+    if hook is None:
+        _HOOKS[pl_module] = _RestoreHook(trainer, pl_module)
+    else:
+        hook.trainer = weakref.ref(trainer)
