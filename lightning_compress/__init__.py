@@ -12,7 +12,7 @@ from .callbacks import (
 )
 from .data import CIFAR10DataModule, DigitsDataModule
 from .methods import compression_report
-from .methods.structure import plain_state_dict, restore_structure
+from .methods.structure import plain_state_dict, restore_structure, restore_structure_on_load
 from .methods.sharing.packed import load_compressed, save_compressed
 from .models import create_model, list_models
 from .module import ImageClassifier
@@ -34,5 +34,6 @@ __all__ = [
     "load_compressed",
     "plain_state_dict",
     "restore_structure",
+    "restore_structure_on_load",
     "save_compressed",
 ]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from .methods.structure import plain_state_dict, restore_structure
+from .methods.structure import plain_state_dict, restore_structure, restore_structure_on_load
 from .models import create_model
 
 
@@ -25,7 +25,9 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"weights={str(path)!r}: no such file")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    # Besides tensors, a module's extra state (fake-quant layers keep their formats there as plain values).
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) or k.endswith("_extra_state")
+                                              for k, v in state.items()):
         raise ValueError(f"weights={str(path)!r} is neither a Lightning checkpoint nor a state dict of tensors")
     if any(k.startswith("model.") for k in state):
         state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
@@ -95,16 +97,13 @@ class ImageClassifier(pl.LightningModule):
             self.model.load_state_dict(state)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
+        # Any checkpoint of a compressed run loads into a freshly built classifier (load_from_checkpoint,
+        # test(ckpt_path=...), resume, the weights ddp_spawn copies back): its structure is rebuilt first.
+        restore_structure_on_load(self)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Runs before the checkpoint's state dict is loaded (also in load_from_checkpoint, where no
-        # callback is around): give the fresh network the checkpoint's compressed structure.
-        if restore_structure(self.model, checkpoint.get("state_dict", {}), prefix="model.") and self.hparams.channels_last:
-            self.model.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last and x.ndim == 4:

@@ -94,3 +94,39 @@ def test_channels_last_keeps_outputs(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(dense(x), nhwc(x), atol=1e-4)
+
+
+def _compressed_checkpoints():
+    from lightning_compress import IterativePruning, QuantizationAwareTraining, TensorDecomposition, WeightSharing
+
+    return {
+        "pruning": lambda: [IterativePruning(sparsity=0.5, schedule="one_shot", make_permanent=False)],
+        "filter_pruning": lambda: [IterativePruning(sparsity=0.5, schedule="one_shot", structure="filter")],
+        "quantization": lambda: [QuantizationAwareTraining(weight_bits=4)],
+        "decomposition": lambda: [TensorDecomposition(rank=0.5, rank_multiple=1, print_table=False)],
+        "sharing": lambda: [WeightSharing(bits=3, epoch=0)],
+        "composed": lambda: [TensorDecomposition(rank=0.5, rank_multiple=1, print_table=False),
+                             IterativePruning(sparsity=0.5, schedule="one_shot", make_permanent=False),
+                             QuantizationAwareTraining()],
+    }
+
+
+@pytest.mark.parametrize("technique", list(_compressed_checkpoints()))
+def test_weights_accept_the_checkpoint_of_every_technique(tmp_path, technique):
+    """`weights:` starts a new run from plain weights in the checkpoint's shapes: masks multiplied in,
+    fake-quant and codebook state dropped, factor chains and removed channels rebuilt."""
+    from lightning_compress.methods.structure import plain_state_dict
+
+    pl.seed_everything(0)
+    source = ImageClassifier("digits_cnn", optimizer="adamw", lr=0.01)
+    trainer = _trainer(tmp_path, max_epochs=1, callbacks=_compressed_checkpoints()[technique]())
+    trainer.fit(source, datamodule=DigitsDataModule(batch_size=256))
+    ckpt = tmp_path / "compressed.ckpt"
+    trainer.save_checkpoint(ckpt)  # mid-compression for some techniques (masks kept), finalized for others
+    started = ImageClassifier("digits_cnn", weights=str(ckpt))
+    expected = plain_state_dict(load_weights(ckpt))
+    assert started.model.state_dict().keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(started.model.state_dict()[key], value), key
+    if technique in ("pruning", "composed"):  # the masks became exact zeros
+        assert any(float((v == 0).float().mean()) > 0.4 for k, v in expected.items() if k.endswith("weight"))

@@ -4,14 +4,16 @@ key per instance, and the hook that rebuilds a checkpoint's compressed structure
 from __future__ import annotations
 
 import weakref
-from typing import Any, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from ..methods.structure import restore_structure
+from ..methods.coverage import keep_regular_forward, uncovered_weights
+from ..methods.structure import restore_structure, restores_on_load
 from .targets import compressible_root, lookup
 
 
@@ -33,6 +35,7 @@ class CompressionCallback(Callback):
         self.targets = list(targets) if targets is not None else None
         self._root: nn.Module | None = None
         self._names: list[str] = []
+        self._announced = False
 
     @property
     def layers(self) -> dict[str, nn.Module]:
@@ -57,8 +60,13 @@ class CompressionCallback(Callback):
             _install_restore_hook(trainer, pl_module)
         return compressible_root(pl_module)
 
-    def _claim(self, trainer: pl.Trainer | None, root: nn.Module, names: list[str]) -> None:
-        """Take ``names`` as this callback's layers; another instance of the same class may not have them."""
+    def _claim(self, trainer: pl.Trainer | None, root: nn.Module, names: list[str],
+               accept: Callable[[nn.Module], bool] | None = None) -> None:
+        """Take ``names`` as this callback's layers; another instance of the same class may not have them.
+
+        With ``accept`` (the technique's test of a layer) and default targets, say once which weights
+        of the model stay as they are, and why.
+        """
         if trainer is not None:
             for other in trainer.callbacks:
                 if other is self or type(other) is not type(self) or other._root is not root:
@@ -71,6 +79,14 @@ class CompressionCallback(Callback):
                         f"(now {other.targets!r} and {self.targets!r})"
                     )
         self._root, self._names = root, names
+        keep_regular_forward(root, names)
+        if accept is not None and self.targets is None and not self._announced:
+            left = uncovered_weights(root, names, accept)
+            if left:
+                shown = "; ".join(f"{name}: {why}" for name, why in list(left.items())[:6])
+                rank_zero_info(f"{type(self).__name__}: {len(names)} layers targeted; {len(left)} weight tensors are left "
+                               f"as they are ({shown}{'; ...' if len(left) > 6 else ''})")
+            self._announced = True
 
     def _setup_done(self, pl_module: pl.LightningModule) -> None:
         """The end of ``setup``: the layers as they are now are the ones a checkpoint may replace."""
@@ -140,5 +156,21 @@ def _install_restore_hook(trainer: pl.Trainer, pl_module: pl.LightningModule) ->
     hook = _HOOKS.get(pl_module)
     if hook is None:
         _HOOKS[pl_module] = _RestoreHook(trainer, pl_module)
+        _warn_about_spawn(trainer, pl_module)
     else:
         hook.trainer = weakref.ref(trainer)
+
+
+def _warn_about_spawn(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """ddp_spawn / ddp_notebook train in worker processes and copy the weights back into the main process's
+    module non-strictly: a compressed state dict there loads only into a module that rebuilds its structure."""
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if isinstance(launcher, _MultiProcessingLauncher) and not restores_on_load(pl_module):
+        rank_zero_warn(
+            f"{type(trainer.strategy).__name__} trains in worker processes and copies only the weights back into "
+            f"the main process's {type(pl_module).__name__}, whose network is not compressed there: factorized and "
+            "fake-quant layers would be lost silently. Add `restore_structure_on_load(self)` (from lightning_compress) "
+            "to its __init__, or use strategy='ddp'."
+        )

@@ -67,9 +67,10 @@ def check_composition(trainer: pl.Trainer | None) -> None:
 def _check_strategy(trainer: pl.Trainer) -> None:
     """Sharded strategies hold a shard of each weight per process: masks, codebooks and factorizations of
     whole layers cannot work on them. Refused by name, before any work."""
-    strategy = type(trainer.strategy).__name__
-    if "FSDP" in strategy or "DeepSpeed" in strategy or "ModelParallel" in strategy:
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
         raise ValueError(
-            f"the compression callbacks run on single-device and DDP strategies; {strategy} shards the weights "
-            "across processes. Use strategy='ddp' (or 'auto' on one device)."
+            f"the compression callbacks run on single-device and DDP strategies; {type(trainer.strategy).__name__} "
+            "shards the weights across processes. Use strategy='ddp' (or 'auto' on one device)."
         )

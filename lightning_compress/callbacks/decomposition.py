@@ -136,7 +136,7 @@ class TensorDecomposition(CompressionCallback):
             # The targets named the dense layers, which are factor chains now (a test after fit, a second fit).
             self._claim(trainer, root, [d.name for d in self.plan if d.method != "skip"])
         else:
-            self._claim(trainer, root, self._resolve(root))
+            self._claim(trainer, root, self._resolve(root), accept=accepts(self.method))
             max_epochs = trainer.max_epochs if trainer is not None else None
             if stage == "fit" and self.epoch == 0:
                 self.decompose(trainer, pl_module)
@@ -150,8 +150,10 @@ class TensorDecomposition(CompressionCallback):
         # chains loads before the callback's state does. The chain stands for the layer it replaced.
         inside = {id(m) for f in root.modules() if isinstance(f, Factorized) for m in f.modules() if m is not f}
         accept = accepts(self.method)
+        other = {"tucker": "'svd' (Linear and 1x1 Conv2d layers)", "cp": "'svd' (Linear and 1x1 Conv2d layers)",
+                 "svd": "'tucker' or 'cp' (KxK Conv2d layers)"}[self.method]
         return resolve_targets(root, self.targets, lambda m: isinstance(m, Factorized) or (id(m) not in inside and accept(m)),
-                               f"layer that {self.method!r} considers")
+                               f"layer that {self.method!r} considers", fix=f"For those, use method={other}")
 
     def _example(self, trainer: pl.Trainer | None, root: nn.Module) -> torch.Tensor | None:
         size = self.input_size

@@ -200,7 +200,7 @@ class IterativePruning(CompressionCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         model = self._attach(trainer, pl_module)
         names = self._candidates(model)
-        self._claim(trainer, model, names)
+        self._claim(trainer, model, names, accept=M.is_prunable if self.structure == "unstructured" else None)
         for layer in self.layers.values():
             pruned_before = bool(self.history) and not M.is_masked(layer)
             # Without rehabilitation pruned weights are exact zeros, so the forward can stay dense and

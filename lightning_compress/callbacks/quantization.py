@@ -165,7 +165,9 @@ class QuantizationAwareTraining(CompressionCallback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         root = self._attach(trainer, pl_module)
-        self._claim(trainer, root, resolve_targets(root, self.targets, can_quantize, "Conv2d/Linear layer"))
+        names = resolve_targets(root, self.targets, can_quantize, "Conv2d/Linear layer",
+                                fix="QuantizationAwareTraining fake-quantizes Conv2d and Linear layers")
+        self._claim(trainer, root, names, accept=can_quantize)
         # Before any checkpoint loads: its scales and ranges fill these buffers.
         for index, (name, layer) in enumerate(self.layers.items()):
             quantize_layer(layer, self.weight_format(), self.activation_format(first=index == 0), self.momentum,

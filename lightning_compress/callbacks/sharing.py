@@ -117,7 +117,7 @@ class WeightSharing(CompressionCallback):
         names = [n for n in names if self.layer_bits(n) is not None]
         if not names:
             raise ValueError(f"bits globs {list(self.bits)!r} match none of the targeted layers")
-        self._claim(trainer, model, names)
+        self._claim(trainer, model, names, accept=M.is_prunable)
         if self.epoch is not None:
             # Before weights load, so a checkpoint saved after clustering fills them.
             for name, layer in self.layers.items():

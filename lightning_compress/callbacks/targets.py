@@ -8,6 +8,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from ..methods.coverage import bypassed_layers
+
 
 def compressible_root(pl_module: nn.Module) -> nn.Module:
     """The network a callback works on: ``pl_module.model`` when there is one (ImageClassifier), else the module.
@@ -19,22 +21,31 @@ def compressible_root(pl_module: nn.Module) -> nn.Module:
 
 
 def resolve_targets(
-    model: nn.Module, targets: Iterable[str] | None, accept: Callable[[nn.Module], bool], what: str
+    model: nn.Module, targets: Iterable[str] | None, accept: Callable[[nn.Module], bool], what: str, fix: str = ""
 ) -> list[str]:
     """Names of the modules that ``accept`` takes and, given ``targets``, that match one of its globs.
 
-    Raises a ValueError naming the globs that match nothing, with the names that would have matched.
+    Layers whose forward never runs (their parent reads their weights directly, see
+    :mod:`lightning_compress.methods.coverage`) are never candidates. Raises a ValueError naming the
+    globs that match nothing with the names that would have matched, or, without targets, the kinds
+    of layer the model holds instead, and ``fix``.
     """
-    candidates = [name for name, module in model.named_modules() if name and accept(module)]
+    bypassed = bypassed_layers(model)
+    candidates = [name for name, module in model.named_modules() if name and accept(module) and name not in bypassed]
     if targets is None:
         if not candidates:
-            raise ValueError(f"the model has no {what}")
+            kinds = sorted({type(m).__name__ for m in model.modules()
+                            if any(p.ndim >= 2 for p in m.parameters(recurse=False))})
+            raise ValueError(f"the model has no {what}; its weights are in {', '.join(kinds) or 'no layer'}"
+                             + (f". {fix}" if fix else ""))
         return candidates
     targets = list(targets)
     unmatched = [glob for glob in targets if not any(fnmatchcase(name, glob) for name in candidates)]
     if unmatched:
         shown = ", ".join(candidates[:12]) + (", ..." if len(candidates) > 12 else "")
-        raise ValueError(f"targets={unmatched!r} match no {what}; candidates are: {shown}")
+        reasons = [f"{name}: {why}" for name, why in bypassed.items() if any(fnmatchcase(name, g) for g in unmatched)]
+        raise ValueError(f"targets={unmatched!r} match no {what}" + (f" ({'; '.join(reasons[:3])})" if reasons else "")
+                         + f"; candidates are: {shown or 'none'}" + (f". {fix}" if fix else ""))
     return [name for name in candidates if any(fnmatchcase(name, glob) for glob in targets)]
 
 

@@ -43,6 +43,7 @@ from typing import Any, Mapping, MutableMapping
 import torch
 from torch import nn
 
+from .coverage import keep_regular_forward
 from .decomposition.plan import restore_factorized
 from .pruning.channels import resize_to_state_dict
 from .pruning.masks import add_mask, is_masked, is_prunable
@@ -76,7 +77,9 @@ def restore_structure(model: nn.Module, state_dict: MutableMapping[str, torch.Te
         key = f"{name}." if name else ""
         if _restore_layer(layer, own, key, state_dict, prefix + key):
             changed.add(name)
-    return [name for name, _ in model.named_modules() if name in changed]
+    changed_names = [name for name, _ in model.named_modules() if name in changed]
+    keep_regular_forward(model, changed_names)
+    return changed_names
 
 
 def _restore_layer(layer: nn.Module, own: Mapping[str, Any], key: str, target: Any, full_key: str) -> bool:
@@ -126,6 +129,36 @@ def _complete(layer: nn.Module, own: Mapping[str, Any], key: str, target: Any, f
             target[full_key + buffer] = layer._buffers[buffer]
     if is_quantized(layer) and key + EXTRA_STATE not in own:
         target[full_key + EXTRA_STATE] = layer.get_extra_state()
+
+
+def _restore_before_load(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    restore_structure(module, state_dict, prefix)
+
+
+def restore_structure_on_load(module: nn.Module) -> nn.Module:
+    """Make every ``module.load_state_dict`` first rebuild the state dict's compressed structure.
+
+    One line in a LightningModule's ``__init__`` (``ImageClassifier`` has it) and every way a
+    checkpoint reaches the module rebuilds the compressed network first: ``load_from_checkpoint``,
+    ``trainer.test(ckpt_path=...)``, resuming, and the weights that ``ddp_spawn`` copies back to the
+    main process. The hook is a module-level function, so the module still pickles. Idempotent.
+
+    Example:
+        >>> from torch import nn
+        >>> from lightning_compress.methods.pruning import add_mask
+        >>> trained = nn.Sequential(nn.Linear(4, 2))
+        >>> _ = add_mask(trained[0])
+        >>> fresh = restore_structure_on_load(nn.Sequential(nn.Linear(4, 2)))
+        >>> fresh.load_state_dict(trained.state_dict())
+        <All keys matched successfully>
+    """
+    if not restores_on_load(module):
+        module.register_load_state_dict_pre_hook(_restore_before_load)
+    return module
+
+
+def restores_on_load(module: nn.Module) -> bool:
+    return any(getattr(hook, "hook", None) is _restore_before_load for hook in module._load_state_dict_pre_hooks.values())
 
 
 def plain_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

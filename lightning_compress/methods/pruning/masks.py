@@ -92,8 +92,8 @@ def is_masked(module: nn.Module) -> bool:
 
 
 def is_prunable(module: nn.Module) -> bool:
-    """A Conv1d/2d/3d or Linear (exactly those classes, or already masked)."""
-    return type(module) in _MASKED_CLASS or is_masked(module)
+    """A Conv1d/2d/3d or Linear (exactly those classes, already masked, or a layer naming its masked form)."""
+    return type(module) in _MASKED_CLASS or is_masked(module) or hasattr(type(module), "masked_class")
 
 
 def add_mask(module: nn.Module, straight_through: bool = False, mask_in_forward: bool = True) -> nn.Module:
