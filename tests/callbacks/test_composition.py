@@ -19,6 +19,7 @@ from lightning_compress import (
 from lightning_compress.methods.decomposition import Factorized
 from lightning_compress.methods.pruning.masks import is_masked
 from lightning_compress.methods.quantization import is_quantized
+from tests.ort_sessions import exact_session
 
 
 def _stack(make_permanent=False):
@@ -117,7 +118,7 @@ def test_onnx_export_of_a_decomposed_pruned_quantized_model(tmp_path):
 
 def _onnx_agreement(ort, path, module, data) -> float:
     """Share of a test batch on which ONNX Runtime's top-1 equals the fake-quant model's."""
-    session = ort.InferenceSession(str(path))
+    session = exact_session(path)
     data.setup("test")
     images, _ = next(iter(data.test_dataloader()))
     module.eval()

@@ -11,6 +11,7 @@ from torch import nn
 from lightning_compress import DigitsDataModule, ImageClassifier, QuantizationAwareTraining, compression_report
 from lightning_compress.callbacks import quantization as quantization_module
 from lightning_compress.methods.quantization import is_quantized
+from tests.ort_sessions import exact_session
 
 
 def _trainer(callbacks, max_epochs=2, **kwargs):
@@ -156,7 +157,9 @@ def test_onnx_export_runs_in_onnx_runtime_and_agrees_with_the_fake_quant_model(t
     data = DigitsDataModule(batch_size=64)
     _trainer([qat], max_epochs=2).fit(module, datamodule=data)
     assert qat.export_summary.int8_bytes < qat.export_summary.fp32_bytes / 2.5
-    session = ort.InferenceSession(str(path))
+    # Without VNNI, x86 int8 kernels saturate u8 x s8 product pairs at 16 bits (about 4% of this set's
+    # top-1 on such CPUs, before and after the structural export): run the arithmetic the file describes.
+    session = exact_session(path)
     graph = onnx.load(str(path)).graph
     assert sum(node.op_type == "DequantizeLinear" for node in graph.node) >= 8
     # The int8 weights in the file are the integers QAT trained (BatchNorm folded: same integers).
