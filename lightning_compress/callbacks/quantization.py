@@ -21,7 +21,7 @@ MODES = ("qat", "ptq")
 
 
 class QuantizationAwareTraining(CompressionCallback):
-    """Fake-quantize the weights and input activations of Conv2d / Linear layers while training (QAT),
+    """Fake-quantize the weights and input activations of Conv1d / Conv2d / Linear layers while training (QAT),
     or only calibrate the activation ranges on training batches without any update (PTQ).
 
     The layers are swapped in place in ``setup`` (same Parameter objects, so optimizers and DDP are
@@ -50,7 +50,7 @@ class QuantizationAwareTraining(CompressionCallback):
         binary_activations: with ``scheme="binary"``, binarize activations too (BNN); the first layer's
             input (the image) stays in floating point.
         momentum: of the activation range's moving average.
-        targets: module-name globs; default every Conv2d and Linear.
+        targets: module-name globs; default every Conv1d, Conv2d and Linear.
         fold_at_end: at fit end bake the quantized weights into plain layers (the state dict loads into
             the original architecture) and drop the buffers.
         export_onnx: path of an int8 QDQ ONNX file written at fit end on rank 0 (BatchNorm folded, our
@@ -165,8 +165,8 @@ class QuantizationAwareTraining(CompressionCallback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         root = self._attach(trainer, pl_module)
-        names = resolve_targets(root, self.targets, can_quantize, "Conv2d/Linear layer",
-                                fix="QuantizationAwareTraining fake-quantizes Conv2d and Linear layers")
+        names = resolve_targets(root, self.targets, can_quantize, "Conv1d/Conv2d/Linear layer",
+                                fix="QuantizationAwareTraining fake-quantizes Conv1d, Conv2d and Linear layers")
         self._claim(trainer, root, names, accept=can_quantize)
         # Before any checkpoint loads: its scales and ranges fill these buffers.
         for index, (name, layer) in enumerate(self.layers.items()):

@@ -99,7 +99,7 @@ def _restore_layer(layer: nn.Module, own: Mapping[str, Any], key: str, target: A
     if has(EXTRA_STATE) and has("weight_bits") and not is_quantized(layer):
         if not can_quantize(layer):
             raise ValueError(f"state_dict holds fake-quant state for {key[:-1]!r}, a {type(layer).__name__}; "
-                             "only Conv2d and Linear layers are quantized")
+                             "only Conv1d, Conv2d and Linear layers are quantized")
         weight_format, activation_format, momentum, per_channel = quantization_config(own[key + EXTRA_STATE])
         quantize_layer(layer, weight_format, activation_format, momentum, per_channel)
         changed = True

@@ -203,8 +203,14 @@ def _check_artifacts(module: pl.LightningModule, callbacks: list[Callback], netw
             pytest.importorskip("onnxruntime")
             session = exact_session(callback.export_onnx)
             got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
-            agreement = float((got.argmax(1) == logits.argmax(1)).float().mean())
-            assert agreement >= 0.99, agreement
+            scale = float(logits.std())
+            assert float((got - logits).abs().max()) <= 0.1 * scale
+            # Top-1 where the model has a margin: a near-tie (these briefly trained nets have some) is
+            # flipped by any rounding, and says nothing of the file.
+            top2 = logits.topk(2, dim=1).values
+            decided = top2[:, 0] - top2[:, 1] > 0.01 * scale
+            agreement = float((got.argmax(1) == logits.argmax(1))[decided].float().mean())
+            assert decided.float().mean() > 0.9 and agreement >= 0.99, (float(decided.float().mean()), agreement)
         if isinstance(callback, WeightSharing) and callback.export:
             fresh = UserClassifier(network)
             load_compressed(callback.export, model=fresh)

@@ -59,7 +59,8 @@ def test_a_fit_that_compressed_nothing_says_so_at_its_end(callback, message):
         ("torch_transformer", QuantizationAwareTraining(targets=["net.encoder.layers.0.self_attn.out_proj"]),
          r"reads its out_proj weight directly; the layer's own forward never runs"),
         ("torch_transformer", TensorDecomposition(method="svd", targets=["*.out_proj"]), r"out_proj.*never runs"),
-        ("conv1d", QuantizationAwareTraining(targets=["net.features.0"]), r"match no Conv2d/Linear layer.*candidates are: net.head"),
+        ("conv1d", QuantizationAwareTraining(targets=["net.features.1"]),
+         r"targets=\['net.features.1'\] match no Conv1d/Conv2d/Linear layer; candidates are: net.features.0"),
         ("small_cnn", IterativePruning(targets=["net.99"]), r"targets=\['net.99'\] match no Conv/Linear layer; candidates are: net.0"),
     ],
 )

@@ -2,6 +2,7 @@
 
 from .formats import ROUNDINGS, SCHEMES, Format
 from .layers import (
+    QuantConv1d,
     QuantConv2d,
     QuantLinear,
     calibrate,
@@ -14,6 +15,7 @@ from .layers import (
 
 __all__ = [
     "Format",
+    "QuantConv1d",
     "QuantConv2d",
     "QuantLinear",
     "ROUNDINGS",

@@ -60,6 +60,15 @@ from ..pruning.masks import is_masked, remove_mask
 from .layers import dequantize_layer, is_quantized
 
 
+_CONVS = (nn.Conv1d, nn.Conv2d)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def _norm_of(conv: nn.Module) -> type | None:
+    """The BatchNorm class that folds into ``conv``."""
+    return nn.BatchNorm1d if isinstance(conv, nn.Conv1d) else nn.BatchNorm2d if isinstance(conv, nn.Conv2d) else None
+
+
 @dataclass
 class OnnxExport:
     path: Path
@@ -76,7 +85,7 @@ def _last_conv(module: nn.Module) -> nn.Module | None:
     """The convolution whose output leaves ``module``: itself, or the last stage of a chain (a factorized layer)."""
     while isinstance(module, nn.Sequential) and len(module):
         module = module[-1]
-    return module if isinstance(module, nn.Conv2d) else None
+    return module if isinstance(module, _CONVS) else None
 
 
 class _LayerTracer(fx.Tracer):
@@ -102,7 +111,7 @@ def _traced_pairs(model: nn.Module) -> list[tuple[str, str]] | None:
         if not (isinstance(source, fx.Node) and source.op == "call_module" and calls[source.target] == 1
                 and len(source.users) == 1):
             continue
-        if isinstance(model.get_submodule(node.target), nn.BatchNorm2d):
+        if isinstance(model.get_submodule(node.target), _NORMS):
             pairs.append((source.target, node.target))
     return pairs
 
@@ -118,13 +127,13 @@ def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
         names = list(container._modules)
         for first, second in zip(names, names[1:]):
             conv = _last_conv(container._modules[first])
-            if conv is not None and isinstance(container._modules[second], nn.BatchNorm2d):
+            if conv is not None and isinstance(container._modules[second], _NORMS):
                 pairs.append((convs[id(conv)], f"{prefix}.{second}" if prefix else second))
     return pairs
 
 
 def fold_batchnorm(model: nn.Module) -> int:
-    """Fold each BatchNorm2d that reads only the output of a quantized Conv2d into that conv; the
+    """Fold each BatchNorm1d / 2d that reads only the output of a quantized Conv1d / 2d into that conv; the
     BatchNorm becomes ``nn.Identity``. The pairs are found by tracing with ``torch.fx``; when the model
     does not trace, a BatchNorm directly after a conv (or a chain ending in one, as a factorized layer
     is) in an ``nn.Sequential``. In place, eval-mode statistics. Returns the count.
@@ -149,14 +158,14 @@ def fold_batchnorm(model: nn.Module) -> int:
     folded = 0
     for conv_name, bn_name in _sequential_pairs(model) if pairs is None else pairs:
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
-        if not (isinstance(conv, nn.Conv2d) and is_quantized(conv) and isinstance(bn, nn.BatchNorm2d)
+        if not (_norm_of(conv) is not None and isinstance(bn, _norm_of(conv)) and is_quantized(conv)
                 and bn.track_running_stats and bn.running_var is not None):
             continue
         with torch.no_grad():
             factor = 1 / torch.sqrt(bn.running_var + bn.eps)
             factor = factor * bn.weight if bn.affine else factor
             shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
-            conv.weight.mul_(factor.reshape(-1, 1, 1, 1).to(conv.weight.dtype))
+            conv.weight.mul_(factor.reshape(-1, *[1] * (conv.weight.ndim - 1)).to(conv.weight.dtype))
             bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
             new_bias = (bias - bn.running_mean) * factor + shift
             if conv.bias is None:
@@ -184,7 +193,7 @@ def _marked_forward(layer: nn.Module, name: str, weight_scale: torch.Tensor, inp
         if input_range is not None:
             low, high = (-128, 127) if signed_input else (0, 255)
             x = torch.fake_quantize_per_tensor_affine(x, input_range[0], input_range[1], low, high)
-        if isinstance(layer, nn.Conv2d):
+        if isinstance(layer, _CONVS):
             return layer._conv_forward(x, weight(layer.weight, 0), layer.bias)
         if x.dim() == 2:
             return F.linear(x, weight(layer.weight, 0), layer.bias)
@@ -289,7 +298,7 @@ def export_onnx(
             remove_mask(layer, fold=True)  # pruned weights are zeros of the int8 tensor
         # A plain layer with the fake-quantized weight baked in: the markers are its quantization now.
         dequantize_layer(layer)
-        expected[name] = onnx_graph.Expected("conv" if isinstance(layer, nn.Conv2d) else "linear",
+        expected[name] = onnx_graph.Expected("conv" if isinstance(layer, _CONVS) else "linear",
                                              scale.numpy().copy(), input_range)
         weights[name] = layer.weight.detach().numpy().copy()
         layer.forward = _marked_forward(layer, name, scale, input_range, signed[name], calls)

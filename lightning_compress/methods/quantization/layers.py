@@ -1,4 +1,4 @@
-"""Conv2d / Linear layers that fake-quantize their weights and input activations, swapped in place.
+"""Conv1d / Conv2d / Linear layers that fake-quantize their weights and input activations, swapped in place.
 
 ``quantize_layer`` changes a layer's class (the way pruning masks do), so the layer keeps its
 Parameter objects: an optimizer built before the swap still trains it, and the weight keys of the
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import is_distributed
-from ..pruning.masks import MaskedConv2d, MaskedLinear, is_masked
+from ..pruning.masks import MaskedConv1d, MaskedConv2d, MaskedLinear, is_masked
 from .fake_quant import binarize, fake_quantize, fixed_point, minmax_scale
 from .formats import Format
 
@@ -122,6 +122,12 @@ class QuantConv2d(_QuantizedMixin, nn.Conv2d):
         return self._conv_forward(x, weight, self.bias)
 
 
+class QuantConv1d(_QuantizedMixin, nn.Conv1d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, weight = self._inputs(x)
+        return self._conv_forward(x, weight, self.bias)
+
+
 class QuantLinear(_QuantizedMixin, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, weight = self._inputs(x)
@@ -138,6 +144,14 @@ class QuantMaskedConv2d(_QuantizedMixin, MaskedConv2d):
         return self._conv_forward(x, weight, self.bias)
 
 
+class QuantMaskedConv1d(_QuantizedMixin, MaskedConv1d):
+    unmasked_class = QuantConv1d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, weight = self._inputs(x)
+        return self._conv_forward(x, weight, self.bias)
+
+
 class QuantMaskedLinear(_QuantizedMixin, MaskedLinear):
     unmasked_class = QuantLinear
 
@@ -148,11 +162,13 @@ class QuantMaskedLinear(_QuantizedMixin, MaskedLinear):
 
 # What pruning turns a fake-quant layer into when it masks it after quantization (a checkpoint with masks
 # loaded into a model that a quantization callback prepared), and back.
+QuantConv1d.masked_class = QuantMaskedConv1d
 QuantConv2d.masked_class = QuantMaskedConv2d
 QuantLinear.masked_class = QuantMaskedLinear
 
-_QUANTIZED = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear, MaskedConv2d: QuantMaskedConv2d, MaskedLinear: QuantMaskedLinear}
-_UNQUANTIZED = {QuantConv2d: nn.Conv2d, QuantLinear: nn.Linear, QuantMaskedConv2d: MaskedConv2d, QuantMaskedLinear: MaskedLinear}
+_QUANTIZED = {nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear, MaskedConv1d: QuantMaskedConv1d,
+              MaskedConv2d: QuantMaskedConv2d, MaskedLinear: QuantMaskedLinear}
+_UNQUANTIZED = {quantized: plain for plain, quantized in _QUANTIZED.items()}
 
 
 def is_quantized(module: nn.Module) -> bool:
@@ -165,11 +181,11 @@ def can_quantize(module: nn.Module) -> bool:
 
 def quantize_layer(module: nn.Module, weight_format: Format, activation_format: Format | None,
                    momentum: float = 0.1, per_channel: bool = True) -> nn.Module:
-    """Make ``module`` (a Conv2d or Linear) fake-quantize, in place; idempotent (formats are updated)."""
+    """Make ``module`` (a Conv1d, Conv2d or Linear) fake-quantize, in place; idempotent (formats are updated)."""
     if not is_quantized(module):
         cls = _QUANTIZED.get(type(module))
         if cls is None:
-            raise TypeError(f"cannot quantize a {type(module).__name__}: supported are Conv2d and Linear, "
+            raise TypeError(f"cannot quantize a {type(module).__name__}: supported are Conv1d, Conv2d and Linear, "
                             "pruned (masked) or not")
         module.__class__ = cls
         device = module.weight.device
@@ -203,7 +219,7 @@ def quantization_config(extra_state: dict[str, Any]) -> tuple[Format, Format | N
 
 
 def dequantize_layer(module: nn.Module) -> nn.Module:
-    """Back to a plain (or still masked) Conv2d / Linear with the fake-quantized weight baked in (what
+    """Back to a plain (or still masked) Conv / Linear with the fake-quantized weight baked in (what
     was trained is what is kept); the quantization buffers are dropped. In place."""
     if not is_quantized(module):
         return module
