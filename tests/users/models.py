@@ -70,12 +70,12 @@ class Block(nn.Module):
 class LinearTransformer(nn.Module):
     """A transformer classifier on token inputs (batch, tokens, features), every projection a Linear."""
 
-    def __init__(self, features: int = 12, dim: int = 32, depth: int = 2) -> None:
+    def __init__(self, features: int = 12, dim: int = 32, depth: int = 2, classes: int = NUM_CLASSES) -> None:
         super().__init__()
         self.embed = nn.Linear(features, dim)
         self.blocks = nn.Sequential(*(Block(dim, heads=4) for _ in range(depth)))
         self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, NUM_CLASSES)
+        self.head = nn.Linear(dim, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(self.blocks(self.embed(x))).mean(1))

@@ -21,6 +21,7 @@ from lightning_compress.methods.quantization import Format, calibrate, is_quanti
 from lightning_compress.methods.quantization import onnx_graph
 from lightning_compress.methods.quantization.export import export_onnx, fold_batchnorm
 from tests.ort_sessions import exact_session
+from tests.users.models import LinearTransformer
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -46,37 +47,6 @@ def _session(path, exact: bool):
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-class Block(nn.Module):
-    """Pre-norm self-attention and GELU MLP, written with Linear layers."""
-
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
-        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        h = self.norm1(x)
-        q, k, v = (f(h).reshape(b, t, self.heads, d // self.heads).transpose(1, 2) for f in (self.q, self.k, self.v))
-        attention = torch.softmax(q @ k.transpose(-2, -1) / (d // self.heads) ** 0.5, dim=-1)
-        x = x + self.out((attention @ v).transpose(1, 2).reshape(b, t, d))
-        return x + self.mlp(self.norm2(x))
-
-
-class Transformer(nn.Module):
-    def __init__(self, features: int = 12, dim: int = 32, classes: int = 10) -> None:
-        super().__init__()
-        self.embed = nn.Linear(features, dim)
-        self.blocks = nn.Sequential(Block(dim, 4), Block(dim, 4))
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(self.blocks(self.embed(x)).mean(1)))
 
 
 class SmallNet(nn.Module):
@@ -164,7 +134,7 @@ CASES = {  # model, input shape, the layers to quantize (None: all), training st
                            None, 100, 1e-3),
     "mlp": (lambda: nn.Sequential(nn.Linear(48, 96), nn.ReLU(), nn.Linear(96, 96), nn.ReLU(), nn.Linear(96, 10)),
             (48,), None, 100, 3e-3),
-    "transformer": (Transformer, (6, 12), None, 100, 3e-3),
+    "transformer": (lambda: LinearTransformer(classes=10), (6, 12), None, 100, 3e-3),
     "subset": (SmallNet, (3, 16, 16), {"conv2", "fc"}, 150, 3e-3),
     "factorized_pruned": (_composed, (3, 16, 16), None, 150, 3e-3),
 }
