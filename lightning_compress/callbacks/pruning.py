@@ -258,7 +258,7 @@ class IterativePruning(CompressionCallback):
                 f"({steps_per_epoch} per epoch): the sparsity jumps to {self.schedule.final} at end_epoch instead of "
                 f"rising gradually. Use frequency <= {max(1, ramp // 10)}."
             )
-        if self.rehabilitation and self._splicing(trainer.global_step + frequency, steps_per_epoch) is False:
+        if self.rehabilitation and not self._splicing(trainer.global_step + frequency, steps_per_epoch):
             rank_zero_warn(f"IterativePruning(rehabilitation=True, frequency={frequency}): no mask update falls "
                            f"before end_epoch={self.schedule.end_epoch}, so no pruned weight can be spliced back. "
                            f"Use frequency <= {max(1, ramp // 10)}.")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+import torch
 from lightning.pytorch.strategies import FSDPStrategy
 
 from lightning_compress import IterativePruning, QuantizationAwareTraining, TensorDecomposition, WeightSharing
@@ -82,3 +83,35 @@ def test_sharded_strategies_are_refused_by_name():
     trainer = SimpleNamespace(strategy=FSDPStrategy(), callbacks=[IterativePruning()])
     with pytest.raises(ValueError, match=r"FSDPStrategy shards the weights.*Use strategy='ddp'"):
         check_composition(trainer)
+
+
+@pytest.mark.parametrize("network", ["resnet18", "mobilenet_v3_small", "mlp", "conv1d", "linear_transformer", "torch_transformer"])
+@pytest.mark.parametrize("kind", ["pruning", "quantization", "decomposition", "sharing"])
+def test_each_callback_with_every_default(network, kind):
+    """The callbacks exactly as constructed with no argument: they work, or say in setup why not and what to do."""
+    from lightning_compress.methods.decomposition import Factorized
+    from lightning_compress.methods.quantization import is_quantized
+
+    module = UserClassifier(network)
+    if kind == "pruning":
+        # Epochs 0 to 10 with an update every 100 steps, on 4 steps an epoch and a 3-epoch fit: every
+        # problem is said, and that nothing was pruned.
+        with pytest.warns(UserWarning) as warned:
+            _trainer([IterativePruning()], max_epochs=3).fit(module, loader(network))
+        said = " ".join(str(w.message) for w in warned)
+        assert "end_epoch=10) reaches sparsity 0.5" in said and "frequency=100" in said
+        assert "IterativePruning pruned nothing in this fit" in said
+    elif kind == "quantization":
+        _trainer([QuantizationAwareTraining()], max_epochs=1).fit(module, loader(network))
+        assert any(is_quantized(m) for m in module.modules())
+    elif kind == "decomposition":  # Tucker-2 of KxK convolutions, energy 0.9
+        if network in ("mlp", "linear_transformer", "torch_transformer", "conv1d"):
+            with pytest.raises(ValueError, match=r"no layer that 'tucker' considers.*use method='svd'"):
+                _trainer([TensorDecomposition()], max_epochs=1).fit(module, loader(network))
+        else:
+            _trainer([TensorDecomposition(print_table=False)], max_epochs=1).fit(module, loader(network))
+            assert any(isinstance(m, Factorized) for m in module.modules())
+    else:  # 5 bits, shared at fit end
+        _trainer([WeightSharing()], max_epochs=1).fit(module, loader(network))
+        weights = [m.weight for m in module.modules() if isinstance(m, torch.nn.Linear) and type(m) is torch.nn.Linear]
+        assert weights and all(w.unique().numel() <= 32 for w in weights)
