@@ -21,7 +21,7 @@ import torch
 
 from lightning_compress import TensorDecomposition
 from lightning_compress.methods.decomposition import factorize
-from lightning_compress.methods.decomposition.plan import _set_submodule
+from lightning_compress.methods.decomposition.apply import set_submodule
 
 from .proxy import CHECKPOINT, proxy_datamodule, proxy_module, proxy_trainer
 
@@ -41,7 +41,7 @@ def peer_energy_tucker(model: torch.nn.Module, energy: float) -> None:
             w = layer.weight.detach()
             r_out = energy_rank(spectrum(w.reshape(w.shape[0], -1)), energy)
             r_in = energy_rank(spectrum(w.transpose(0, 1).reshape(w.shape[1], -1)), energy)
-            _set_submodule(model, name, factorize.tucker2(layer, r_out, r_in, n_iter_max=10, solver="tensorly",
+            set_submodule(model, name, factorize.tucker2(layer, r_out, r_in, n_iter_max=10, solver="tensorly",
                                                           stages=(True, True)))
 
 

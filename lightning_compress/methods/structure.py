@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from .coverage import keep_regular_forward
-from .decomposition.plan import restore_factorized
+from .decomposition.apply import restore_factorized
 from .pruning.channels import resize_to_state_dict
 from .pruning.masks import add_mask, is_masked, is_prunable
 from .quantization.layers import can_quantize, is_quantized, quantization_config, quantize_layer

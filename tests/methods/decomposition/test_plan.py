@@ -10,7 +10,7 @@ from lightning_compress.methods.decomposition import (
     plan_to_state,
     restore_factorized,
 )
-from lightning_compress.methods.decomposition.plan import _lower_hull, allocate_ranks, layer_positions
+from lightning_compress.methods.decomposition.allocation import allocate_ranks, layer_positions, lower_hull
 
 
 def _net(seed=0):
@@ -99,7 +99,7 @@ def test_budget_goes_first_to_the_layer_that_loses_least():
 def test_lower_hull_is_convex_and_monotone():
     costs = torch.tensor([10.0, 8.0, 6.0, 4.0, 2.0, 7.0]).numpy()
     errors = torch.tensor([0.0, 0.1, 0.15, 0.5, 1.0, 0.5]).numpy()
-    hull = _lower_hull(costs, errors)
+    hull = lower_hull(costs, errors)
     assert [costs[i] for i in hull] == sorted(costs[i] for i in hull)
     assert [errors[i] for i in hull] == sorted((errors[i] for i in hull), reverse=True)
     assert 5 not in hull  # dominated

@@ -7,16 +7,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lightning_compress.methods.sharing.encoding import (
-    MAX_CODE_LENGTH,
-    HuffmanStream,
-    absolute_positions,
-    code_lengths,
-    huffman_decode,
-    huffman_encode,
-    huffman_nbytes,
-    relative_indices,
-)
+from lightning_compress.methods.sharing.huffman import HuffmanStream, huffman_decode, huffman_encode, huffman_nbytes
+from lightning_compress.methods.sharing.huffman_codes import MAX_CODE_LENGTH, code_lengths
+from lightning_compress.methods.sharing.relative_index import absolute_positions, relative_indices
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

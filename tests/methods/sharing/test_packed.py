@@ -17,7 +17,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lightning_compress.methods.pruning import add_mask, set_mask
-from lightning_compress.methods.sharing.packed import MAX_CODEBOOK, PackedSummary, load_compressed, save_compressed
+from lightning_compress.methods.sharing.packed import load_compressed, save_compressed
+from lightning_compress.methods.sharing.summary import PackedSummary
+from lightning_compress.methods.sharing.tensor_codecs import MAX_CODEBOOK
 
 
 def bits_of(tensor: torch.Tensor) -> torch.Tensor:

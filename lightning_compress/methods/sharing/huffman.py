@@ -1,38 +1,16 @@
-"""The two lossless stages of Deep Compression's storage format (Han et al. 2016), in vectorized numpy.
+"""Canonical Huffman coding of integer symbol streams, vectorized in numpy, and its serialized form.
 
-Deep Compression stores a pruned, weight-shared layer as a stream of (gap, code) pairs: the gap is
-the distance from the previous non-zero, a small unsigned integer, and the code indexes the layer's
-codebook of shared values; both streams are then Huffman-coded, since their distributions are far
-from uniform. This module provides the two pieces, independent of PyTorch:
-
-* :func:`relative_indices` / :func:`absolute_positions`: the relative sparse index with filler
-  entries, so that every gap fits in ``index_bits`` bits.
-* :func:`huffman_encode` / :func:`huffman_decode`: canonical Huffman coding of an integer stream,
-  laid out in blocks that decode in lockstep, so that neither direction loops over symbols in
-  Python; :meth:`HuffmanStream.to_bytes` / :meth:`HuffmanStream.from_bytes` serialize a stream
-  without pickle.
-
-The filler convention
----------------------
-Every entry of the index stream occupies one position of the flattened weight; its gap ``g`` is the
-number of positions skipped since the previous entry (the first entry counts from position -1, so a
-non-zero at position 0 has gap 0): ``position = previous + g + 1``. A gap must fit in ``b`` bits,
-``g <= M = 2**b - 1``. A non-zero that is ``s > M`` positions after the previous one is preceded by
-``s >> b`` *filler* entries, each with gap ``M`` (so each advances by ``2**b`` positions) and then
-written with gap ``s & M``. A filler stands on a position that holds zero, exactly as Deep
-Compression's "filler zero": it is written like any entry, with a value of zero. The gap stream alone
-does not say which entries are fillers (a real non-zero may have gap ``M`` too); the value stream
-does: the code of a filler is the reserved symbol ``0``, whose value is zero, and real codebook
-indices are stored as ``index + 1``. ``relative_indices(..., return_fillers=True)`` returns the
-filler flags to build that code stream; ``absolute_positions(gaps, is_filler=codes == 0)`` reverses it.
+Deep Compression (Han et al. 2016) Huffman-codes the gap and code streams of a pruned, shared layer,
+since their distributions are far from uniform. :func:`huffman_encode` / :func:`huffman_decode` code
+a stream laid out in blocks that decode in lockstep, so that neither direction loops over symbols in
+Python; :meth:`HuffmanStream.to_bytes` / :meth:`HuffmanStream.from_bytes` serialize a stream without
+pickle. The codes come from :mod:`.huffman_codes`.
 
 The Huffman bit layout
 ----------------------
-Codes are canonical (assigned in order of (length, symbol) from the table of code lengths, so the
-table alone defines the code), written most significant bit first and concatenated in symbol order;
-the bit string is packed into bytes most significant bit first (``np.packbits`` order), the last byte
-padded with zeros. Code lengths are limited to :data:`MAX_CODE_LENGTH` bits, which bounds the decode
-table at ``2**MAX_CODE_LENGTH`` entries. The stream is cut into blocks of ``block_size`` symbols and
+Codes (canonical, see :mod:`.huffman_codes`) are written most significant bit first and concatenated
+in symbol order; the bit string is packed into bytes most significant bit first (``np.packbits``
+order), the last byte padded with zeros. The stream is cut into blocks of ``block_size`` symbols and
 the bit offset of every block is kept, so that the decoder advances all blocks together: one Python
 iteration per position within a block, each decoding one symbol of every block with numpy. A stream
 whose table marks a single symbol stores no bits at all: it is that symbol repeated ``count`` times.
@@ -40,15 +18,13 @@ whose table marks a single symbol stores no bits at all: it is that symbol repea
 
 from __future__ import annotations
 
-import heapq
 import math
 import struct
 from dataclasses import dataclass
 
 import numpy as np
 
-MAX_CODE_LENGTH = 20
-"""Longest Huffman code, in bits: the decode table has ``2**MAX_CODE_LENGTH`` entries (5 MB at most)."""
+from .huffman_codes import MAX_CODE_LENGTH, canonical_codes, code_lengths, decode_table
 
 MAX_ALPHABET = 1 << MAX_CODE_LENGTH
 """Symbols must be below this, so that every used symbol can get a code within the length limit."""
@@ -57,91 +33,6 @@ MIN_BLOCK_SIZE = 256
 
 # Symbols encoded per vectorized pass: bounds the temporaries of encoding a long stream.
 _ENCODE_CHUNK = 1 << 20
-
-
-# --------------------------------------------------------------------------------------------------
-# Relative sparse indices
-# --------------------------------------------------------------------------------------------------
-
-
-def relative_indices(
-    positions: np.ndarray, numel: int, index_bits: int, *, return_fillers: bool = False
-) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    """Gaps between successive non-zeros, each fitting in ``index_bits`` bits, fillers included.
-
-    Args:
-        positions: strictly increasing positions of the non-zeros in the flattened tensor.
-        numel: the tensor's size; every position must be below it.
-        index_bits: bits per stored gap (Deep Compression: 8 for convolutions, 5 for linear layers).
-        return_fillers: also return a bool array flagging the filler entries.
-
-    Returns:
-        ``gaps`` (uint8, or uint16 above 8 bits), one per entry, and with ``return_fillers`` the
-        filler flags: ``len(gaps) == len(positions) + flags.sum()``. See the module docstring for the
-        convention.
-
-    Example:
-        >>> gaps, filler = relative_indices(np.array([1, 3, 20]), numel=24, index_bits=3, return_fillers=True)
-        >>> gaps.tolist(), filler.tolist()
-        ([1, 1, 7, 7, 0], [False, False, True, True, False])
-        >>> absolute_positions(gaps, is_filler=filler).tolist()
-        [1, 3, 20]
-    """
-    if not isinstance(index_bits, (int, np.integer)) or not 1 <= index_bits <= 16:
-        raise ValueError(f"index_bits={index_bits!r} must be an integer in [1, 16]")
-    positions = np.asarray(positions)
-    if positions.ndim != 1 or (positions.size and not np.issubdtype(positions.dtype, np.integer)):
-        raise ValueError(f"positions must be a 1-D integer array, got shape {positions.shape} {positions.dtype}")
-    positions = positions.astype(np.int64, copy=False)
-    steps = np.diff(positions, prepend=np.int64(-1))
-    if positions.size and (steps.min() < 1 or positions[-1] >= numel):
-        raise ValueError(f"positions must be strictly increasing and within [0, numel={numel})")
-
-    skipped = steps - 1
-    fillers = skipped >> index_bits
-    # Entry i of the output: fillers[i] fillers with gap M, then the non-zero with gap skipped & M.
-    real_at = np.cumsum(fillers + 1) - 1
-    total = int(real_at[-1]) + 1 if positions.size else 0
-    max_gap = (1 << index_bits) - 1
-    gaps = np.full(total, max_gap, dtype=np.uint8 if index_bits <= 8 else np.uint16)
-    gaps[real_at] = skipped & max_gap
-    if not return_fillers:
-        return gaps
-    is_filler = np.ones(total, dtype=bool)
-    is_filler[real_at] = False
-    return gaps, is_filler
-
-
-def absolute_positions(
-    gaps: np.ndarray, is_filler: np.ndarray | None = None, *, numel: int | None = None
-) -> np.ndarray:
-    """Inverse of :func:`relative_indices`: the position of every entry, or of the non-fillers only.
-
-    Args:
-        gaps: the gap stream (any non-negative integers; fillers need no special value here).
-        is_filler: flags of the filler entries (with a code stream, ``codes == 0``); their positions
-            are dropped. None: the positions of every entry, fillers included.
-        numel: when given, a ``ValueError`` if an entry falls at or beyond it.
-
-    Example:
-        >>> absolute_positions(np.array([0, 2, 7, 1], dtype=np.uint8)).tolist()
-        [0, 3, 11, 13]
-    """
-    gaps = np.asarray(gaps)
-    positions = np.cumsum(gaps, dtype=np.int64) + np.arange(1, gaps.size + 1, dtype=np.int64) - 1
-    if numel is not None and positions.size and positions[-1] >= numel:
-        raise ValueError(f"the gap stream reaches position {int(positions[-1])}, beyond numel={numel}")
-    if is_filler is not None:
-        is_filler = np.asarray(is_filler, dtype=bool)
-        if is_filler.shape != positions.shape:
-            raise ValueError(f"is_filler has {is_filler.size} flags for {gaps.size} gaps")
-        positions = positions[~is_filler]
-    return positions
-
-
-# --------------------------------------------------------------------------------------------------
-# Canonical Huffman coding
-# --------------------------------------------------------------------------------------------------
 
 # magic, version, bytes per stored block length (0: none stored), reserved, count, nbits, block size,
 # alphabet (entries of the code-length table); all little-endian.
@@ -233,37 +124,6 @@ class HuffmanStream:
         return stream
 
 
-def code_lengths(frequencies: np.ndarray, max_length: int = MAX_CODE_LENGTH) -> np.ndarray:
-    """Huffman code lengths (uint8) for symbol frequencies, limited to ``max_length`` bits.
-
-    An optimal Huffman tree is built with a heap over the used symbols. If it is deeper than
-    ``max_length`` (a very skewed distribution over many symbols), the frequencies are halved (a used
-    symbol keeps at least 1) and the tree rebuilt until it fits: flatter frequencies give a shallower
-    tree, and all-equal frequencies give depth ``ceil(log2(used))``. A single used symbol gets length
-    1 (its stream then stores no bits).
-
-    Example:
-        >>> code_lengths(np.array([10, 0, 3, 1, 1])).tolist()
-        [1, 0, 2, 3, 3]
-    """
-    frequencies = np.asarray(frequencies, dtype=np.int64)
-    used = np.flatnonzero(frequencies)
-    if used.size > 1 << max_length:
-        raise ValueError(f"{used.size} symbols cannot all get codes of at most {max_length} bits")
-    lengths = np.zeros(frequencies.size, dtype=np.uint8)
-    if used.size == 1:
-        lengths[used] = 1
-    if used.size <= 1:
-        return lengths
-    weights = frequencies[used]
-    while True:
-        depth = _huffman_depths(weights)
-        if depth.max() <= max_length:
-            lengths[used] = depth
-            return lengths
-        weights = np.maximum(weights >> 1, 1)
-
-
 def huffman_encode(symbols: np.ndarray, block_size: int | None = None) -> HuffmanStream:
     """Canonical Huffman coding of non-negative integer symbols (below :data:`MAX_ALPHABET`).
 
@@ -297,7 +157,7 @@ def huffman_encode(symbols: np.ndarray, block_size: int | None = None) -> Huffma
     if np.count_nonzero(lengths) == 1:
         return HuffmanStream(lengths, np.zeros(0, np.uint8), count, 0, block_size, np.zeros(nblocks, np.int64))
 
-    codes = _canonical_codes(lengths)
+    codes = canonical_codes(lengths)
     symbol_lengths = lengths[symbols]
     nbits = int(symbol_lengths.sum(dtype=np.int64))
     out = np.zeros(-(-nbits // 8) + 4, dtype=np.uint8)  # 4 spare bytes: the last code's window
@@ -348,7 +208,7 @@ def huffman_decode(stream: HuffmanStream) -> np.ndarray:
         return np.full(count, used[0], dtype=dtype)
 
     max_length = int(stream.lengths.max())
-    table_symbol, table_length = _decode_table(stream.lengths, max_length, dtype)
+    table_symbol, table_length = decode_table(stream.lengths, max_length, dtype)
     # A stream shorter than one block is one short block: a header's block size never sizes memory.
     steps = min(block_size, count)
     # Bytes past the end: a corrupted block may overrun by up to a block of codes before the check.
@@ -375,11 +235,6 @@ def huffman_decode(stream: HuffmanStream) -> np.ndarray:
     if not np.array_equal(position, expected):
         raise ValueError("Huffman stream corrupted: the decoded blocks do not end where they should")
     return out.reshape(-1)[:count]
-
-
-# --------------------------------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------------------------------
 
 
 def huffman_nbytes(frequencies: np.ndarray, block_size: int | None = None) -> int:
@@ -417,55 +272,6 @@ def _as_symbols(symbols: np.ndarray) -> np.ndarray:
     if low < 0 or high >= MAX_ALPHABET:
         raise ValueError(f"symbols must be in [0, {MAX_ALPHABET}), got values in [{low}, {high}]")
     return symbols
-
-
-def _huffman_depths(weights: np.ndarray) -> np.ndarray:
-    """Leaf depths of a Huffman tree over ``weights`` (at least two), with deterministic tie-breaking."""
-    n = weights.size
-    heap = [(int(w), i) for i, w in enumerate(weights)]
-    heapq.heapify(heap)
-    parent = np.zeros(2 * n - 1, dtype=np.int64)
-    for node in range(n, 2 * n - 1):
-        w1, a = heapq.heappop(heap)
-        w2, b = heapq.heappop(heap)
-        parent[a] = parent[b] = node
-        heapq.heappush(heap, (w1 + w2, node))
-    # Parents are created after their children, so one pass from the root down sets every depth.
-    depth = np.zeros(2 * n - 1, dtype=np.int64).tolist()
-    parents = parent.tolist()
-    for node in range(2 * n - 3, -1, -1):
-        depth[node] = depth[parents[node]] + 1
-    return np.asarray(depth[:n], dtype=np.uint8)
-
-
-def _canonical_order(lengths: np.ndarray) -> np.ndarray:
-    used = np.flatnonzero(lengths)
-    return used[np.lexsort((used, lengths[used]))]  # by length, then by symbol
-
-
-def _canonical_codes(lengths: np.ndarray) -> np.ndarray:
-    """Code of every symbol (uint32; 0 for unused ones), from the code-length table alone."""
-    order = _canonical_order(lengths)
-    max_length = int(lengths.max())
-    # Left-aligned to max_length bits, canonical codes are the running sum of 2**(max_length - length).
-    span = np.int64(1) << (max_length - lengths[order].astype(np.int64))
-    left_aligned = np.cumsum(span) - span
-    codes = np.zeros(lengths.size, dtype=np.uint32)
-    codes[order] = left_aligned >> (max_length - lengths[order].astype(np.int64))
-    return codes
-
-
-def _decode_table(lengths: np.ndarray, max_length: int, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Symbol and code length for every ``max_length``-bit prefix; length 0 marks an invalid prefix."""
-    order = _canonical_order(lengths)
-    span = np.int64(1) << (max_length - lengths[order].astype(np.int64))
-    size = 1 << max_length
-    table_symbol = np.zeros(size, dtype=dtype)
-    table_length = np.zeros(size, dtype=np.uint8)
-    filled = int(span.sum())
-    table_symbol[:filled] = np.repeat(order.astype(dtype), span)
-    table_length[:filled] = np.repeat(lengths[order], span)
-    return table_symbol, table_length
 
 
 def _width_for(value: int) -> int:
