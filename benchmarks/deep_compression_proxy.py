@@ -58,7 +58,7 @@ def main() -> None:
             callbacks = [
                 IterativePruning(sparsity=args.sparsity, schedule="agp", start_epoch=0, end_epoch=args.ramp,
                                  frequency=100, scope="global", rehabilitation=True, log_layers=False),
-                WeightSharing(bits=args.bits, epoch=args.share_epoch, export=str(path), centroid_gradient=reduce),
+                WeightSharing(weight_bits=args.bits, start_epoch=args.share_epoch, export=str(path), centroid_gradient=reduce),
             ]
             trainer = proxy_trainer(args.epochs, callbacks, enable_progress_bar=False, num_sanity_val_steps=0)
             start = time.perf_counter()
@@ -69,7 +69,7 @@ def main() -> None:
             fresh = proxy_module()
             load_compressed(path, model=fresh.model)
             file_acc = proxy_trainer(1, enable_progress_bar=False).test(fresh, datamodule=dm, verbose=False)[0]["test/acc"]
-            summary = callbacks[1].export_summary
+            summary = callbacks[1].artifact
             rows.append({
                 "centroid_gradient": reduce,
                 "sparsity": round(_sparsity(module.model), 4),

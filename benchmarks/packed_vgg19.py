@@ -24,8 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_compress import IterativePruning, WeightSharing
-from lightning_compress.methods.sharing.encoding import huffman_decode, huffman_encode
+from lightning_compress.methods.pruning.masks import is_prunable
+from lightning_compress.methods.pruning.pruner import Pruner
+from lightning_compress.methods.sharing.codebook import remove_codebook_buffers, share_weights
+from lightning_compress.methods.sharing.huffman import huffman_decode, huffman_encode
 from lightning_compress.methods.sharing.packed import load_compressed, save_compressed
 from lightning_compress.models import create_model
 
@@ -34,21 +36,22 @@ RESULTS = Path(__file__).parent / "results"
 
 @torch.no_grad()
 def prune(model: nn.Module, sparsity: float = 0.95) -> None:
-    """Per-layer magnitude pruning through IterativePruning's own selection, folded into the weights."""
-    pruning = IterativePruning(sparsity=sparsity, schedule="one_shot")
-    pruning.setup(None, model, "fit")
-    pruning.update_masks(sparsity)
-    pruning.finalize(model)
+    """Per-layer magnitude pruning through IterativePruning's own Pruner, folded into the weights."""
+    pruner = Pruner(model, [name for name, m in model.named_modules() if is_prunable(m)])
+    pruner.attach()
+    pruner.update(sparsity, first=True)
+    pruner.finalize()
 
 
 def share(model: nn.Module, bits: int = 5) -> float:
     """WeightSharing's k-means on every Conv / Linear weight; returns its seconds."""
-    sharing = WeightSharing(bits=bits)
-    sharing.setup(None, model, "fit")
+    layers = [m for m in model.modules() if is_prunable(m)]
     start = time.perf_counter()
-    sharing.cluster(None)
+    for layer in layers:
+        share_weights(layer, bits)
     seconds = time.perf_counter() - start
-    sharing.finalize(model)
+    for layer in layers:
+        remove_codebook_buffers(layer)
     return seconds
 
 

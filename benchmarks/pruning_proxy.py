@@ -34,6 +34,8 @@ from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
 
 from lightning_compress import IterativePruning, compression_report
+from lightning_compress.methods.pruning.channels import find_channel_groups
+from lightning_compress.methods.pruning.pruner import Pruner
 from lightning_compress.models import create_model
 
 from .proxy import CHECKPOINT, proxy_datamodule, proxy_module, proxy_trainer
@@ -193,10 +195,11 @@ def filter_latency(args) -> None:
     dense = create_model("vgg19_bn").eval()
     slim = create_model("vgg19_bn")
     slim.load_state_dict(dense.state_dict())
-    pruning = IterativePruning(sparsity=args.filter_sparsity, schedule="one_shot", structure="filter")
-    pruning.setup(None, slim, "fit")
-    pruning.update_masks(args.filter_sparsity)
-    pruning.finalize(slim)
+    groups = find_channel_groups(slim)
+    pruner = Pruner(slim, list(groups), structure="filter", groups=groups)
+    pruner.attach()
+    pruner.update(args.filter_sparsity, first=True)
+    pruner.finalize()
     slim.eval()
     macs_dense = compression_report(dense, (3, 32, 32)).macs
     macs_slim = compression_report(slim, (3, 32, 32)).macs

@@ -166,7 +166,7 @@ def accuracy(args) -> None:
             exportable = kwargs.get("scheme", "affine") == "affine"
             path = folder / f"{name}.onnx"
             qat = QuantizationAwareTraining(calibration_batches=args.calibration_batches,
-                                            export_onnx=str(path) if exportable else None, **kwargs)
+                                            export=str(path) if exportable else None, **kwargs)
             epochs = 1 if kwargs.get("mode") == "ptq" else args.epochs
             trainer = proxy_trainer(epochs, [qat], enable_progress_bar=False, limit_val_batches=0)
             start = time.perf_counter()

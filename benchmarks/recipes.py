@@ -41,7 +41,7 @@ import torch
 import yaml
 from torch import nn
 
-from lightning_compress import compression_report, save_compressed
+from lightning_compress import QuantizationAwareTraining, WeightSharing, compression_report, save_compressed
 from lightning_compress.callbacks.targets import compressible_root
 from lightning_compress.cli import build_cli
 from lightning_compress.data.cifar10_source import default_cache_dir, default_data_dir
@@ -60,7 +60,7 @@ BASELINE_EPOCHS = {"vgg19_bn": 15, "mobilenet_v2": 5, "shufflenet_v2_x1_0": 5, "
 EPOCH_FRACTION = 0.2
 VGG_WIDTH = 0.25
 WARMUP = 10  # TorchScript optimizes a graph over its first runs
-EPOCH_KEYS = ("start_epoch", "end_epoch", "epoch", "freeze_observers_epoch", "freeze_bn_epoch")
+EPOCH_KEYS = ("start_epoch", "end_epoch", "freeze_observers_epoch", "freeze_bn_epoch")
 
 # (row name, recipe, peer swapped in). Order matters: compression rows need their baseline's
 # checkpoint, and the TensorLy peer matches the parameter count of our Tucker row.
@@ -128,7 +128,7 @@ def _callback_args(config: dict, class_name: str) -> dict | None:
 
 
 def _drop_callback(trainer, class_name: str) -> None:
-    trainer.callbacks[:] = [c for c in trainer.callbacks if type(c).__name__ != class_name]
+    trainer.callbacks[:] = [c for c in trainer.callbacks if type(c).__name__ != class_name]  # by name: a config's class
 
 
 # ----------------------------------------------------------------------------------------- peers
@@ -252,14 +252,14 @@ def measure(cli, config: dict, run_dir: Path, peer: str | None) -> dict:
     row.update(params=report.params, nonzeros=report.nonzeros, bits_per_weight=report.bits_per_weight,
                macs=report.macs, sparse_macs=report.sparse_macs, layers=_layers(report, net),
                state_dict_bytes=_state_dict_bytes(net))
-    if qat and qat.get("export_onnx"):
-        artifact = WORK / qat["export_onnx"]
+    if qat and qat.get("export"):
+        artifact = next(Path(c.artifact.path) for c in cli.trainer.callbacks if isinstance(c, QuantizationAwareTraining))
         row.update(runtime="onnxruntime", accuracy=_accuracy(_ort_predict(artifact), dm),
                    file_format="ONNX QDQ int8", latency_file=str(artifact.relative_to(WORK)))
     else:
         if shared and shared.get("export"):  # the recipe wrote it; WeightSharing kept its summary
-            artifact = WORK / shared["export"]
-            summary = next(c.export_summary for c in cli.trainer.callbacks if type(c).__name__ == "WeightSharing")
+            summary = next(c.artifact for c in cli.trainer.callbacks if isinstance(c, WeightSharing))
+            artifact = Path(summary.path)
         else:
             artifact = run_dir / "model.lcpk"
             summary = save_compressed(net, artifact)

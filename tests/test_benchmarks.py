@@ -64,7 +64,7 @@ def test_recipe_scaling_keeps_each_schedule_in_proportion():
     assert recipe == original  # the recipe itself is not touched
     assert scaled["trainer"]["max_epochs"] == 6 and scaled["trainer"]["accelerator"] == "cpu"
     pruning, sharing = (c["init_args"] for c in scaled["trainer"]["callbacks"][:2])
-    assert (pruning["start_epoch"], pruning["end_epoch"], sharing["epoch"]) == (0, 4, 5)  # 0, 20, 25 of 30
+    assert (pruning["start_epoch"], pruning["end_epoch"], sharing["start_epoch"]) == (0, 4, 5)  # 0, 20, 25 of 30
     # 100 steps of 196 per epoch over 30 epochs -> the same share of 79 steps per epoch over 6 epochs
     assert pruning["frequency"] == round(100 * (6 * 79) / (30 * 196))
     assert scaled["model"]["lr"] == pytest.approx(original["model"]["lr"] * BATCH_SIZE / 256)

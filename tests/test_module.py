@@ -100,13 +100,13 @@ def _compressed_checkpoints():
     from lightning_compress import IterativePruning, QuantizationAwareTraining, TensorDecomposition, WeightSharing
 
     return {
-        "pruning": lambda: [IterativePruning(sparsity=0.5, schedule="one_shot", make_permanent=False)],
+        "pruning": lambda: [IterativePruning(sparsity=0.5, schedule="one_shot", finalize=False)],
         "filter_pruning": lambda: [IterativePruning(sparsity=0.5, schedule="one_shot", structure="filter")],
-        "quantization": lambda: [QuantizationAwareTraining(weight_bits=4)],
+        "quantization": lambda: [QuantizationAwareTraining(weight_bits=4, finalize=False)],
         "decomposition": lambda: [TensorDecomposition(rank=0.5, rank_multiple=1, print_table=False)],
-        "sharing": lambda: [WeightSharing(bits=3, epoch=0)],
+        "sharing": lambda: [WeightSharing(weight_bits=3, start_epoch=0, finalize=False)],
         "composed": lambda: [TensorDecomposition(rank=0.5, rank_multiple=1, print_table=False),
-                             IterativePruning(sparsity=0.5, schedule="one_shot", make_permanent=False),
+                             IterativePruning(sparsity=0.5, schedule="one_shot", finalize=False),
                              QuantizationAwareTraining()],
     }
 

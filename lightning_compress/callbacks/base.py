@@ -4,6 +4,7 @@ key per instance, and the hook that rebuilds a checkpoint's compressed structure
 from __future__ import annotations
 
 import weakref
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable
 
 import lightning.pytorch as pl
@@ -88,6 +89,22 @@ class CompressionCallback(Callback):
                                f"as they are ({shown}{'; ...' if len(left) > 6 else ''})")
             self._announced = True
 
+    @property
+    def summary(self) -> dict[str, Any]:
+        """What this callback did, in plain values (the numbers it logs, JSON-ready)."""
+        raise NotImplementedError
+
+    def _load_fields(self, state_dict: dict[str, Any], fields: dict[str, Callable[[Any], Any]]) -> None:
+        """Set each of ``fields`` (name -> conversion) from ``state_dict``; a name that a checkpoint of an
+        older version lacks keeps its current value, with a warning naming it."""
+        missing = [name for name in fields if name not in state_dict]
+        if missing:
+            rank_zero_warn(f"{type(self).__name__}: the checkpoint's state has no {missing}; they keep their current "
+                           "values (a checkpoint of an older version)")
+        for name, convert in fields.items():
+            if name in state_dict:
+                setattr(self, name, convert(state_dict[name]))
+
     def _setup_done(self, pl_module: pl.LightningModule) -> None:
         """The end of ``setup``: the layers as they are now are the ones a checkpoint may replace."""
         hook = _HOOKS.get(pl_module)
@@ -99,6 +116,16 @@ class CompressionCallback(Callback):
         hook = _HOOKS.pop(pl_module, None)
         if hook is not None:
             hook.handle.remove()
+
+
+def artifact_path(trainer: pl.Trainer, path: str | None) -> Path | None:
+    """Where a callback writes the file ``path``: as given when absolute, else under the Trainer's log
+    directory (the logger's version folder, or ``default_root_dir`` without a logger), as ModelCheckpoint
+    places its files by default. Call it on every process: the log directory is broadcast."""
+    if path is None:
+        return None
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else Path(trainer.log_dir or trainer.default_root_dir) / path
 
 
 def compression_callbacks(trainer: pl.Trainer | None) -> list[CompressionCallback]:

@@ -49,10 +49,10 @@ def check_composition(trainer: pl.Trainer | None) -> None:
     TensorDecomposition, IterativePruning, QuantizationAwareTraining, WeightSharing = order
     others = lambda kind: [n for (c, k), n in zip(present, names) if k is not kind]  # noqa: E731
     for decomposition in by_kind.get(TensorDecomposition, []):
-        if decomposition.epoch != 0 and others(TensorDecomposition):
+        if decomposition.start_epoch != 0 and others(TensorDecomposition):
             raise ValueError(
-                f"TensorDecomposition(epoch={decomposition.epoch}) replaces layers during fit, under the other "
-                f"compression callbacks ({others(TensorDecomposition)}); use epoch=0 when composing"
+                f"TensorDecomposition(start_epoch={decomposition.start_epoch}) replaces layers during fit, under the "
+                f"other compression callbacks ({others(TensorDecomposition)}); use start_epoch=0 when composing"
             )
     for pruning in by_kind.get(IterativePruning, []):
         if pruning.structure == "filter":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -33,8 +33,8 @@ class TensorDecomposition(CompressionCallback):
     that would not save parameters is folded into its neighbour, so the network gets faster, not only
     smaller.
 
-    When: ``epoch=0`` factorizes in ``setup``, before optimizers and the DDP wrapper exist (the usual
-    "decompose a trained model, then fine-tune"); ``epoch=N`` factorizes at the start of epoch N and then
+    When: ``start_epoch=0`` factorizes in ``setup``, before optimizers and the DDP wrapper exist (the usual
+    "decompose a trained model, then fine-tune"); ``start_epoch=N`` factorizes at the start of epoch N and then
     rebuilds the optimizers (keeping the state of untouched parameters, the learning rate and the
     scheduler's position) and, under DDP, the wrapper, so the new factors train on every process.
 
@@ -51,7 +51,7 @@ class TensorDecomposition(CompressionCallback):
             each unfolding's Frobenius norm); ``"vbmf"``; ``"svt"`` or ``"svt:t"``. For CP a rule gives the
             larger of the two channel-mode ranks, and a float is a fraction of the larger channel count.
             An int above a mode's size is clamped to it, with a warning.
-        epoch: the epoch at whose start to factorize (0: in ``setup``).
+        start_epoch: the epoch at whose start to factorize (0: in ``setup``).
         targets: module-name globs; default every layer the method considers.
         target_compression: instead of ``rank``, choose every layer's ranks together so that the whole
             model has ``target_compression`` times fewer parameters (or MACs, see ``metric``) with the least
@@ -78,12 +78,12 @@ class TensorDecomposition(CompressionCallback):
 
     def __init__(
         self,
-        method: str = "tucker",
+        method: Literal["tucker", "cp", "svd"] = "tucker",
         rank: int | float | str = "energy:0.9",
-        epoch: int = 0,
+        start_epoch: int = 0,
         targets: list[str] | None = None,
         target_compression: float | None = None,
-        metric: str = "params",
+        metric: Literal["params", "macs"] = "params",
         rank_multiple: int = 8,
         n_iter_max: int | None = None,
         input_size: tuple[int, ...] | None = None,
@@ -93,8 +93,8 @@ class TensorDecomposition(CompressionCallback):
         if method not in METHODS:
             raise ValueError(f"method={method!r} is not known; valid: {', '.join(map(repr, METHODS))}")
         parse_rank(rank)
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"epoch={epoch!r} must be an integer >= 0 (0: factorize in setup)")
+        if isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or start_epoch < 0:
+            raise ValueError(f"start_epoch={start_epoch!r} must be an integer >= 0 (0: factorize in setup)")
         if target_compression is not None:
             if not isinstance(target_compression, (int, float)) or isinstance(target_compression, bool) or not target_compression > 1:
                 raise ValueError(f"target_compression={target_compression!r} must be a number > 1 (times fewer {metric}) or None")
@@ -110,7 +110,7 @@ class TensorDecomposition(CompressionCallback):
         super().__init__(targets)
         self.method = method
         self.rank = rank
-        self.epoch = epoch
+        self.start_epoch = start_epoch
         self.target_compression = float(target_compression) if target_compression is not None else None
         self.metric = metric
         self.rank_multiple = rank_multiple
@@ -138,11 +138,11 @@ class TensorDecomposition(CompressionCallback):
         else:
             self._claim(trainer, root, self._resolve(root), accept=accepts(self.method))
             max_epochs = trainer.max_epochs if trainer is not None else None
-            if stage == "fit" and self.epoch == 0:
+            if stage == "fit" and self.start_epoch == 0:
                 self.decompose(trainer, pl_module)
-            elif stage == "fit" and max_epochs is not None and 0 <= max_epochs <= self.epoch:
-                rank_zero_warn(f"TensorDecomposition(epoch={self.epoch}) never factorizes: fit has max_epochs={max_epochs}. "
-                               f"Use epoch < {max_epochs}.")
+            elif stage == "fit" and max_epochs is not None and 0 <= max_epochs <= self.start_epoch:
+                rank_zero_warn(f"TensorDecomposition(start_epoch={self.start_epoch}) never factorizes: fit has max_epochs={max_epochs}. "
+                               f"Use start_epoch < {max_epochs}.")
         self._setup_done(pl_module)
 
     def _resolve(self, root: nn.Module) -> list[str]:
@@ -210,7 +210,7 @@ class TensorDecomposition(CompressionCallback):
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.decomposed or trainer.current_epoch < self.epoch:
+        if self.decomposed or trainer.current_epoch < self.start_epoch:
             return
         strategy = trainer.strategy
         from torch.nn.parallel import DistributedDataParallel
@@ -218,8 +218,8 @@ class TensorDecomposition(CompressionCallback):
         wrapped = isinstance(strategy.model, DistributedDataParallel)
         if not wrapped and strategy.model is not pl_module:
             raise RuntimeError(
-                f"TensorDecomposition(epoch={self.epoch}) factorizes during fit on single-device and DDP "
-                f"strategies; {type(strategy).__name__} wraps the model otherwise. Use epoch=0."
+                f"TensorDecomposition(start_epoch={self.start_epoch}) factorizes during fit on single-device and DDP "
+                f"strategies; {type(strategy).__name__} wraps the model otherwise. Use start_epoch=0."
             )
         self.decompose(trainer, pl_module)
         _rebuild_optimizers(trainer)
@@ -249,7 +249,7 @@ class TensorDecomposition(CompressionCallback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.decomposed:
-            rank_zero_warn(f"TensorDecomposition never factorized in this fit (epoch={self.epoch}, fit ran "
+            rank_zero_warn(f"TensorDecomposition never factorized in this fit (start_epoch={self.start_epoch}, fit ran "
                            f"{trainer.current_epoch} epochs): the model is dense")
             return
         if not any(d.method != "skip" for d in self.plan):
@@ -266,14 +266,28 @@ class TensorDecomposition(CompressionCallback):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"method": self.method, "layers": plan_to_state(self.plan)}, indent=2))
 
+    @property
+    @override
+    def summary(self) -> dict[str, Any]:
+        done = [d for d in self.plan if d.method != "skip"]
+        before, after = sum(d.params_before for d in self.plan), sum(d.params_after for d in self.plan)
+        return {
+            "technique": "decomposition",
+            "method": self.method,
+            "decomposed": self.decomposed,
+            "layers": plan_to_state(self.plan),
+            "factorized_layers": len(done),
+            "params_before": before,
+            "params_after": after,
+        }
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"decomposed": self.decomposed, "plan": plan_to_state(self.plan)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.decomposed = state_dict["decomposed"]
-        self.plan = plan_from_state(state_dict["plan"])
+        self._load_fields(state_dict, {"decomposed": bool, "plan": plan_from_state})
 
     @staticmethod
     def restore(model: nn.Module, checkpoint: str | Path | dict[str, Any]) -> nn.Module:

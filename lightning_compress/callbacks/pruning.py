@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
 from ..methods.pruning import masks as M
 from ..methods.pruning import selection as S
+from ..methods.pruning.pruner import Pruner
 from ..methods.pruning.schedule import PruningSchedule
 from ..methods.sharing.codebook import is_shared
 from .base import CompressionCallback
-from .targets import compressible_root, first_match, resolve_targets
+from .targets import first_match, resolve_targets
 
 
 class IterativePruning(CompressionCallback):
@@ -50,7 +50,7 @@ class IterativePruning(CompressionCallback):
         structure: ``"unstructured"`` (single weights) or ``"filter"`` (whole output channels of
             convolutions, ranked by L1 / L2 norm (``norm``), masked with their BatchNorm channels during
             training and physically removed with the next layer's input channels at fit end when
-            ``make_permanent``: the model becomes smaller and faster on dense hardware). Filter
+            ``finalize``: the model becomes smaller and faster on dense hardware). Filter
             pruning needs plain chains (VGG); convolutions that feed residual adds, concatenations,
             channel shuffles or depthwise convolutions (MobileNetV2, ShuffleNetV2) are refused.
         criterion: ``"magnitude"`` or ``"obd"``: Optimal Brain Damage saliency 1/2 h_ii w_i^2, with the
@@ -62,8 +62,9 @@ class IterativePruning(CompressionCallback):
         rewind_epoch: lottery-ticket rewinding (Frankle et al. 2019): the weights at the start of
             this epoch are saved, and after each pruning round the surviving weights are reset to
             them. Must not be after ``start_epoch``.
-        make_permanent: at fit end fold masks into weights and drop the buffers (and, for filters,
-            remove the channels).
+        finalize: at fit end fold the masks into the weights (exact zeros) and drop the pruning buffers
+            (for filters, remove the channels): the model computes the same, and its state dict loads into
+            the unpruned architecture. False keeps the masks (to go on pruning in a later fit).
         log_layers: log each layer's sparsity besides the global one.
 
     Example:
@@ -81,21 +82,21 @@ class IterativePruning(CompressionCallback):
     def __init__(
         self,
         sparsity: float | dict[str, float] = 0.5,
-        schedule: str = "agp",
+        schedule: Literal["one_shot", "iterative", "agp"] = "agp",
         start_epoch: int = 0,
         end_epoch: int = 10,
         frequency: int = 100,
         initial_sparsity: float = 0.0,
         rehabilitation: bool = False,
         margin: float = 0.1,
-        scope: str = "layer",
-        structure: str = "unstructured",
-        criterion: str = "magnitude",
-        norm: int = 1,
+        scope: Literal["layer", "global"] = "layer",
+        structure: Literal["unstructured", "filter"] = "unstructured",
+        criterion: Literal["magnitude", "obd"] = "magnitude",
+        norm: Literal[1, 2] = 1,
         obd_batches: int = 16,
         targets: list[str] | None = None,
         rewind_epoch: int | None = None,
-        make_permanent: bool = True,
+        finalize: bool = True,
         log_layers: bool = True,
     ) -> None:
         if isinstance(sparsity, dict):
@@ -136,7 +137,7 @@ class IterativePruning(CompressionCallback):
         self.norm = norm
         self.obd_batches = obd_batches
         self.rewind_epoch = rewind_epoch
-        self.make_permanent = make_permanent
+        self.finalize = finalize
         self.log_layers = log_layers
         # Progress, checkpointed in state_dict(): replayed on resume, never recomputed.
         self.last_update_step: int | None = None
@@ -146,7 +147,7 @@ class IterativePruning(CompressionCallback):
         self.obd_count = 0
         # Built in setup from the arguments alone.
         self._groups: dict[str, Any] = {}
-        self._bn_hooks: list = []
+        self._pruner: Pruner | None = None
 
     order = 1
 
@@ -201,28 +202,14 @@ class IterativePruning(CompressionCallback):
         model = self._attach(trainer, pl_module)
         names = self._candidates(model)
         self._claim(trainer, model, names, accept=M.is_prunable if self.structure == "unstructured" else None)
-        for layer in self.layers.values():
-            pruned_before = bool(self.history) and not M.is_masked(layer)
-            # Without rehabilitation pruned weights are exact zeros, so the forward can stay dense and
-            # only gradients are masked (on_before_optimizer_step): cheaper than masking the weight.
-            M.add_mask(layer, straight_through=self.rehabilitation, mask_in_forward=False)
-            if pruned_before:  # a second fit after the masks were folded: the zeros are the mask
-                M.set_mask(layer, layer.weight != 0)
-            # Registered now, before weights load, so that a checkpoint's values fill them.
-            if self.rewind_epoch is not None and "weight_rewind" not in layer._buffers:
-                layer.register_buffer("weight_rewind", torch.zeros_like(layer.weight))
-            if self.criterion == "obd" and "weight_grad_sq" not in layer._buffers:
-                layer.register_buffer("weight_grad_sq", torch.zeros_like(layer.weight, dtype=torch.float32))
-        if self.structure == "filter":
-            # Again on every setup: a checkpoint with removed channels replaces the BatchNorm layers.
-            for handle in self._bn_hooks:
-                handle.remove()
-            modules = dict(model.named_modules())
-            self._bn_hooks = []
-            for name in names:
-                norm = self._groups[name].norm
-                after = modules[norm] if norm else modules[name]
-                self._bn_hooks.append(after.register_forward_hook(_zero_pruned_channels(model, name)))
+        if self._pruner is not None:  # setup again (a checkpoint replaced layers, or a new stage)
+            self._pruner.remove_hooks()
+        self._pruner = Pruner(model, names, scope=self.scope, structure=self.structure, criterion=self.criterion,
+                              norm=self.norm, rehabilitation=self.rehabilitation, margin=self.margin,
+                              layer_target=self.layer_sparsity, groups=self._groups, rewind=self.rewind_epoch is not None)
+        self._pruner.saliency_batches = self.obd_count
+        # A second fit after the masks were folded in: the exact zeros are the masks.
+        self._pruner.attach(masks_from_zeros=bool(self.history))
         if stage == "fit":
             self._warn_if_out_of_reach(trainer)
         self._setup_done(pl_module)
@@ -275,9 +262,7 @@ class IterativePruning(CompressionCallback):
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.rewind_epoch is not None and not self.rewind_saved and trainer.current_epoch >= self.rewind_epoch:
-            with torch.no_grad():
-                for layer in self.layers.values():
-                    layer.weight_rewind.copy_(layer.weight)
+            self._pruner.save_rewind_point()
             self.rewind_saved = True
 
     @override
@@ -298,20 +283,21 @@ class IterativePruning(CompressionCallback):
         )
         if not due:
             return
-        if self.criterion == "obd" and self.obd_count < self.obd_batches:
+        if self.criterion == "obd" and self._pruner.saliency_batches < self.obd_batches:
             return  # not enough squared gradients yet: the update waits for them
         if any(is_shared(layer) for layer in self.layers.values()):
             return  # WeightSharing has clustered these weights: the codes fix which ones are kept
-        self.update_masks(target, trainer)
+        self._pruner.update(target, first=self.last_update_step is None, rewound=self.rewind_saved,
+                            optimizers=trainer.optimizers)
         self.last_update_step = step
         self.current_target = target
-        sparsity = self.sparsity_now()
+        sparsity = self._pruner.sparsity()
         self.history.append((step, sparsity))
         pl_module.log("pruning/sparsity", sparsity, on_step=True, on_epoch=False, sync_dist=False)
         pl_module.log("pruning/target", target, on_step=True, on_epoch=False, sync_dist=False)
         if self.log_layers:
-            for name, layer in self.layers.items():
-                pl_module.log(f"pruning/sparsity/{name}", _layer_sparsity(layer), on_step=True, on_epoch=False)
+            for name, value in self._pruner.layer_sparsities().items():
+                pl_module.log(f"pruning/sparsity/{name}", value, on_step=True, on_epoch=False)
 
     def _splicing(self, step: int, steps_per_epoch: int) -> bool:
         """DNS recomputes masks until ``end_epoch`` (for the whole fit when ``end_epoch <= start_epoch``).
@@ -325,60 +311,16 @@ class IterativePruning(CompressionCallback):
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
-        if not self.rehabilitation:
-            M.mask_gradients(self.layers.values())
+        self._pruner.before_optimizer_step()
         if self.criterion != "obd":
             return
         if self.schedule.target(trainer.global_step + self.obd_batches, self._steps_per_epoch(trainer)) is None:
             return  # the first update is further away than the gradients it will average
-        with torch.no_grad():
-            for layer in self.layers.values():
-                if layer.weight.grad is not None:
-                    layer.weight_grad_sq.add_(layer.weight.grad.float().square())
-        self.obd_count += 1
-
-    @torch.no_grad()
-    def update_masks(self, target: float, trainer: pl.Trainer | None = None) -> None:
-        """Recompute every mask for sparsity ``target`` from the current (dense) weights."""
-        scores = {}
-        for name, layer in self.layers.items():
-            hessian = layer.weight_grad_sq / max(1, self.obd_count) if self.criterion == "obd" else None
-            score = S.weight_scores(layer.weight, self.criterion, hessian)
-            if self.structure == "filter":
-                score = S.filter_scores(score, layer.weight, self.criterion, self.norm)
-                if self.scope == "global":  # filters of different fan-in: compare per-weight means
-                    score = score / layer.weight[0].numel()
-                kept = layer.weight_mask.flatten(1).any(1) if self.last_update_step is not None else None
-            else:
-                kept = layer.weight_mask if self.last_update_step is not None else None
-            scores[name] = S.with_hysteresis(score, kept, self.margin if self.rehabilitation else 0.0)
-        if self.scope == "global":
-            keep = S.global_keep(scores, target)
-        else:
-            keep = S.layer_keep(scores, {name: self.layer_sparsity(name, target) for name in scores})
-        for name, layer in self.layers.items():
-            mask = S.expand_filter_mask(keep[name], layer.weight) if self.structure == "filter" else keep[name]
-            M.set_mask(layer, mask, zero_pruned=not self.rehabilitation)
-        M.broadcast_masks(self.layers.values())
-        if not self.rehabilitation:
-            if trainer is not None:
-                for optimizer in trainer.optimizers:
-                    M.clear_pruned_optimizer_state(optimizer, self.layers.values())
-            for layer in self.layers.values():  # a broadcast may have changed a mask: re-zero
-                layer.weight.masked_fill_(~layer.weight_mask, 0)
-        if self.rewind_saved:
-            for layer in self.layers.values():
-                layer.weight.copy_(torch.where(layer.weight_mask, layer.weight_rewind, torch.zeros_like(layer.weight)))
-        if self.criterion == "obd":
-            for layer in self.layers.values():
-                layer.weight_grad_sq.zero_()
-            self.obd_count = 0
+        self._pruner.accumulate_saliency()
 
     def sparsity_now(self) -> float:
         """Fraction of the targeted weights that are masked now."""
-        total = sum(layer.weight_mask.numel() for layer in self.layers.values())
-        kept = sum(int(layer.weight_mask.sum()) for layer in self.layers.values())
-        return 1.0 - kept / total if total else 0.0
+        return self._pruner.sparsity() if self._pruner is not None else 0.0
 
     # ------------------------------------------------------------------ end of fit
 
@@ -390,41 +332,38 @@ class IterativePruning(CompressionCallback):
                 f"{self.schedule.start_epoch}, fit ran {trainer.current_epoch} epochs / {trainer.global_step} steps); "
                 "the model is unpruned"
             )
-        if not self.make_permanent:
+        if not self.finalize:
             return
-        self.finalize(pl_module)
+        self._finalize()
         if self.history and self.history[-1][1] > 0:
             rank_zero_info(f"IterativePruning: masks folded into the weights at sparsity {self.history[-1][1]:.4f}")
 
-    def finalize(self, pl_module: nn.Module) -> None:
-        """Fold masks into weights and drop pruning buffers; for filters, remove the channels."""
-        model = compressible_root(pl_module)
-        for handle in self._bn_hooks:
-            handle.remove()
-        self._bn_hooks = []
-        layers = {name: layer for name, layer in self.layers.items() if M.is_masked(layer)}
-        channel_keep = {}
-        if self.structure == "filter":
-            channel_keep = {name: layer.weight_mask.flatten(1).any(1).clone() for name, layer in layers.items()}
-        for layer in layers.values():
-            for buffer in ("weight_rewind", "weight_grad_sq"):
-                layer._buffers.pop(buffer, None)
-            M.remove_mask(layer, fold=True)
-        if channel_keep and not all(bool(k.all()) for k in channel_keep.values()):
-            from ..methods.pruning.channels import remove_channels
-
-            remove_channels(model, channel_keep)
-        self._root, self._names = None, []
+    def _finalize(self) -> None:
+        if self._pruner is not None:
+            self._pruner.finalize()
+        self._pruner, self._root, self._names = None, None, []
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
         # validate / test rebuilt the masks in setup so that a mid-schedule checkpoint loads;
         # leave the model as fit leaves it.
-        if stage != "fit" and self.make_permanent and self._root is not None:
-            self.finalize(pl_module)
+        if stage != "fit" and self.finalize and self._root is not None:
+            self._finalize()
 
-    # ------------------------------------------------------------------ checkpoint
+    # ------------------------------------------------------------------ results and checkpoint
+
+    @property
+    @override
+    def summary(self) -> dict[str, Any]:
+        return {
+            "technique": "pruning",
+            "structure": self.structure,
+            "target": self.schedule.final,
+            "sparsity": self.history[-1][1] if self.history else 0.0,
+            "history": [list(h) for h in self.history],
+            "layers": self._pruner.layer_sparsities() if self._pruner is not None else {},
+        }
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -433,34 +372,14 @@ class IterativePruning(CompressionCallback):
             "current_target": self.current_target,
             "history": [list(h) for h in self.history],
             "rewind_saved": self.rewind_saved,
-            "obd_count": self.obd_count,
+            "obd_count": self._pruner.saliency_batches if self._pruner is not None else self.obd_count,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.last_update_step = state_dict["last_update_step"]
-        self.current_target = state_dict["current_target"]
-        self.history = [tuple(h) for h in state_dict["history"]]
-        self.rewind_saved = state_dict["rewind_saved"]
-        self.obd_count = state_dict["obd_count"]
-
-
-def _layer_sparsity(layer: nn.Module) -> float:
-    return 1.0 - float(layer.weight_mask.float().mean())
-
-
-def _zero_pruned_channels(root: nn.Module, conv_name: str):
-    """Forward hook: zero the output channels whose filter is pruned (after their BatchNorm).
-
-    Without it a BatchNorm turns an all-zero channel into its bias beta, which the next layer learns
-    to use, and removing the channel at the end would change the network's output.
-    """
-
-    def hook(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
-        conv = root.get_submodule(conv_name)
-        if not M.is_masked(conv):
-            return output
-        alive = conv.weight_mask.flatten(1).any(1)
-        return output * alive.view(1, -1, *([1] * (output.ndim - 2))).to(output.dtype)
-
-    return hook
+        self._load_fields(state_dict, {
+            "last_update_step": lambda v: v, "current_target": lambda v: v,
+            "history": lambda v: [tuple(h) for h in v], "rewind_saved": bool, "obd_count": int,
+        })
+        if self._pruner is not None:
+            self._pruner.saliency_batches = self.obd_count

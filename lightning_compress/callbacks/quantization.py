@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -12,9 +12,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from ..methods.quantization import ROUNDINGS, Format, calibrate, can_quantize, dequantize_layer, quantize_layer
+from ..methods.quantization import ROUNDINGS, Format, bake_quantized_weight, calibrate, can_quantize, quantize_layer
 from ..methods.quantization.formats import check_bits, check_fixed_point, check_scheme
-from .base import CompressionCallback
+from .base import CompressionCallback, artifact_path
 from .targets import batch_inputs, compressible_root, resolve_targets
 
 MODES = ("qat", "ptq")
@@ -51,11 +51,14 @@ class QuantizationAwareTraining(CompressionCallback):
             input (the image) stays in floating point.
         momentum: of the activation range's moving average.
         targets: module-name globs; default every Conv1d, Conv2d and Linear.
-        fold_at_end: at fit end bake the quantized weights into plain layers (the state dict loads into
-            the original architecture) and drop the buffers.
-        export_onnx: path of an int8 QDQ ONNX file written at fit end on rank 0 (BatchNorm folded, our
+        finalize: at fit end the weights take their quantized values for good (the full-precision copy
+            the optimizer trained is dropped): the model computes what it computed at the last step, and
+            its layers stay fake-quant so that ``validate`` / ``test`` measure the quantized model. False
+            keeps the full-precision weights (to go on training them later).
+        export: path of an int8 QDQ ONNX file written at fit end on rank 0 (BatchNorm folded, our
             weight scales and activation ranges imposed; ONNX Runtime calibrates the rest on
-            ``calibration_batches`` training batches). Needs the ``export`` extra (onnx, onnxruntime).
+            ``calibration_batches`` training batches); a relative path is under the Trainer's log
+            directory. Needs the ``export`` extra (onnx, onnxruntime).
 
     Example:
         >>> import lightning.pytorch as pl
@@ -73,21 +76,21 @@ class QuantizationAwareTraining(CompressionCallback):
         self,
         weight_bits: int = 8,
         activation_bits: int | None = 8,
-        scheme: str = "affine",
+        scheme: Literal["affine", "symmetric", "fixed_point", "binary"] = "affine",
         per_channel: bool = True,
-        mode: str = "qat",
+        mode: Literal["qat", "ptq"] = "qat",
         start_epoch: int = 0,
         freeze_observers_epoch: int | None = None,
         freeze_bn_epoch: int | None = None,
         calibration_batches: int = 32,
         fixed_point: tuple[int, int] | None = None,
         activation_fixed_point: tuple[int, int] | None = None,
-        rounding: str = "nearest",
+        rounding: Literal["nearest", "stochastic"] = "nearest",
         binary_activations: bool = False,
         momentum: float = 0.1,
         targets: list[str] | None = None,
-        fold_at_end: bool = False,
-        export_onnx: str | None = None,
+        finalize: bool = True,
+        export: str | None = None,
     ) -> None:
         check_bits("weight_bits", weight_bits)
         check_bits("activation_bits", activation_bits, allow_none=True)
@@ -130,13 +133,13 @@ class QuantizationAwareTraining(CompressionCallback):
         self.rounding = rounding
         self.binary_activations = binary_activations
         self.momentum = momentum
-        self.fold_at_end = fold_at_end
-        if export_onnx is not None and (scheme in ("fixed_point", "binary") or weight_bits > 8
-                                        or (activation_bits is not None and activation_bits > 8)):
-            raise ValueError(f"export_onnx needs 2..8-bit affine or symmetric weights and activations; "
+        self.finalize = finalize
+        if export is not None and (scheme in ("fixed_point", "binary") or weight_bits > 8
+                                   or (activation_bits is not None and activation_bits > 8)):
+            raise ValueError(f"export needs 2..8-bit affine or symmetric weights and activations (an int8 ONNX file); "
                              f"got scheme={scheme!r}, weight_bits={weight_bits}, activation_bits={activation_bits}")
-        self.export_onnx = export_onnx
-        self.export_summary = None
+        self.export = export
+        self.artifact = None  # OnnxExport of the file written at fit end
         self.calibrated = False  # checkpointed (PTQ)
         self.enabled = False  # fake quantization was on at some step of this fit
 
@@ -226,26 +229,42 @@ class QuantizationAwareTraining(CompressionCallback):
         if not self.enabled:
             rank_zero_warn(f"QuantizationAwareTraining never fake-quantized in this fit (start_epoch={self.start_epoch}, "
                            f"fit ran {trainer.current_epoch} epochs): the model trained in floating point")
-        if self.export_onnx and trainer.global_rank == 0:
-            self._export(trainer, pl_module)
-        if self.fold_at_end:
+        path = artifact_path(trainer, self.export)  # on every process: the log directory is broadcast
+        if path is not None and trainer.global_rank == 0:
+            self._export(trainer, pl_module, path)
+        if self.finalize:
             for layer in self.layers.values():
-                dequantize_layer(layer)
+                bake_quantized_weight(layer)
 
-    def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule, path: Path) -> None:
         from ..methods.quantization.export import export_onnx
 
         loader = trainer.datamodule.train_dataloader() if trainer.datamodule is not None else trainer.train_dataloader
         # batch_to_device applies the data module's on_after_batch_transfer (normalisation, for one).
         batches = [batch_inputs(trainer.strategy.batch_to_device(batch)).cpu()
                    for batch in islice(loader, self.calibration_batches)]
-        self.export_summary = export_onnx(compressible_root(pl_module), Path(self.export_onnx), batches)
-        s = self.export_summary
+        self.artifact = export_onnx(compressible_root(pl_module), path, batches)
+        s = self.artifact
         rank_zero_info(f"QuantizationAwareTraining: wrote {s.path} ({s.int8_bytes:,} bytes; fp32 ONNX {s.fp32_bytes:,}, "
                        f"{s.compression_ratio:.2f}x)")
         if trainer.logger is not None:
             trainer.logger.log_metrics({"quantization/onnx_int8_bytes": float(s.int8_bytes),
                                         "quantization/onnx_fp32_bytes": float(s.fp32_bytes)}, step=trainer.global_step)
+
+    @property
+    @override
+    def summary(self) -> dict[str, Any]:
+        return {
+            "technique": "quantization",
+            "layers": list(self._names),
+            "weight_bits": self.weight_format().bits,
+            "activation_bits": self.activation_bits,
+            "scheme": self.scheme,
+            "enabled": self.enabled,
+            "artifact": None if self.artifact is None else {
+                "path": str(self.artifact.path), "bytes": self.artifact.int8_bytes,
+                "fp32_onnx_bytes": self.artifact.fp32_bytes, "quantized_layers": self.artifact.quantized_layers},
+        }
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -253,4 +272,4 @@ class QuantizationAwareTraining(CompressionCallback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.calibrated = state_dict["calibrated"]
+        self._load_fields(state_dict, {"calibrated": bool})

@@ -52,7 +52,7 @@ class CompressionReport(Callback):
         self.log_layers = log_layers
         self.print_table = print_table
         self.on_test = on_test
-        self.last_report: CompressionSummary | None = None
+        self.summary: CompressionSummary | None = None
         self.last_path: Path | None = None
 
     def _input_size(self, trainer: pl.Trainer) -> tuple[int, ...] | None:
@@ -66,7 +66,7 @@ class CompressionReport(Callback):
     def report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> CompressionSummary:
         model = getattr(pl_module, "model", pl_module)
         summary = compression_report(model, self._input_size(trainer))
-        self.last_report = summary
+        self.summary = summary
         if trainer.logger is not None:
             trainer.logger.log_metrics(summary.metrics(per_layer=self.log_layers), step=trainer.global_step)
         self._write(trainer, summary, stage)

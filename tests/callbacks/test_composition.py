@@ -22,11 +22,11 @@ from lightning_compress.methods.quantization import is_quantized
 from tests.ort_sessions import exact_session
 
 
-def _stack(make_permanent=False):
+def _stack(finalize=False):
     return [
         TensorDecomposition(method="tucker", rank="energy:0.8", rank_multiple=4, print_table=False),
         IterativePruning(sparsity=0.6, schedule="agp", start_epoch=0, end_epoch=2, frequency=5, scope="global",
-                         make_permanent=make_permanent),
+                         finalize=finalize),
         QuantizationAwareTraining(weight_bits=8, activation_bits=8, start_epoch=1),
     ]
 
@@ -69,7 +69,7 @@ def test_decompose_then_prune_the_factors_then_quantize(tmp_path):
 
 def test_pruning_folds_its_masks_at_fit_end_under_quantization():
     module = _module()
-    _trainer(_stack(make_permanent=True), max_epochs=2).fit(module, datamodule=DigitsDataModule(batch_size=64))
+    _trainer(_stack(finalize=True), max_epochs=2).fit(module, datamodule=DigitsDataModule(batch_size=64))
     core = module.model.features[3].core
     assert is_quantized(core) and not is_masked(core)  # the mask became exact zeros
     assert float((core.weight == 0).float().mean()) > 0.3
@@ -81,7 +81,7 @@ def test_onnx_export_of_a_pruned_quantized_model(tmp_path):
     path = tmp_path / "m.onnx"
     stack = [
         IterativePruning(sparsity=0.5, schedule="one_shot", start_epoch=0, scope="global"),
-        QuantizationAwareTraining(weight_bits=8, activation_bits=8, export_onnx=str(path), calibration_batches=4),
+        QuantizationAwareTraining(weight_bits=8, activation_bits=8, export=str(path), calibration_batches=4),
     ]
     module = _module()
     data = DigitsDataModule(batch_size=64)
@@ -94,8 +94,8 @@ def test_onnx_export_of_a_pruned_quantized_model(tmp_path):
     [
         (lambda: [QuantizationAwareTraining(), IterativePruning(sparsity=0.5)], r"put them in the order \['IterativePruning', 'QuantizationAwareTraining'\]"),
         (lambda: [IterativePruning(sparsity=0.5), TensorDecomposition()], r"put them in the order \['TensorDecomposition', 'IterativePruning'\]"),
-        (lambda: [QuantizationAwareTraining(), WeightSharing(bits=4)], r"use one of them"),
-        (lambda: [TensorDecomposition(epoch=1), IterativePruning(sparsity=0.5)], r"use epoch=0 when composing"),
+        (lambda: [QuantizationAwareTraining(), WeightSharing(weight_bits=4)], r"use one of them"),
+        (lambda: [TensorDecomposition(start_epoch=1), IterativePruning(sparsity=0.5)], r"use start_epoch=0 when composing"),
         (lambda: [IterativePruning(sparsity=0.5, structure="filter"), QuantizationAwareTraining()], r"structure='unstructured'"),
     ],
 )
@@ -107,8 +107,8 @@ def test_unsupported_compositions_are_refused_before_any_work(callbacks, message
 def test_onnx_export_of_a_decomposed_pruned_quantized_model(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     path = tmp_path / "m.onnx"
-    stack = _stack(make_permanent=True)
-    stack[-1] = QuantizationAwareTraining(weight_bits=8, activation_bits=8, export_onnx=str(path), calibration_batches=4)
+    stack = _stack(finalize=True)
+    stack[-1] = QuantizationAwareTraining(weight_bits=8, activation_bits=8, export=str(path), calibration_batches=4)
     module = _module()
     data = DigitsDataModule(batch_size=64)
     _trainer(stack, max_epochs=2).fit(module, datamodule=data)

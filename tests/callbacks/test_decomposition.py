@@ -53,7 +53,7 @@ def test_epoch_zero_factorizes_in_setup_and_the_factors_train():
 
 
 def test_epoch_n_rebuilds_optimizer_keeping_schedule_and_untouched_state():
-    decomposition = TensorDecomposition(method="tucker", rank=0.5, epoch=1, targets=["features.3"], print_table=False)
+    decomposition = TensorDecomposition(method="tucker", rank=0.5, start_epoch=1, targets=["features.3"], print_table=False)
     module = _module(scheduler="cosine")
     seen = {}
 
@@ -153,7 +153,7 @@ def test_the_plan_is_written_and_logged(tmp_path):
         ({"method": "qr"}, r"method='qr' is not known; valid: 'tucker', 'cp', 'svd'"),
         ({"rank": 1.5}, r"rank=1.5 is not valid"),
         ({"rank": "energy:0"}, r"rank='energy:0'"),
-        ({"epoch": -1}, r"epoch=-1 must be"),
+        ({"start_epoch": -1}, r"start_epoch=-1 must be"),
         ({"target_compression": 0.5}, r"target_compression=0.5 must be a number > 1"),
         ({"method": "cp", "target_compression": 10}, r"target_compression works with method 'tucker' or 'svd'"),
         ({"metric": "flops"}, r"metric='flops' is not known"),

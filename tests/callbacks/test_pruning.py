@@ -10,6 +10,8 @@ from torch import nn
 
 from lightning_compress import CompressionReport, DigitsDataModule, ImageClassifier, IterativePruning
 from lightning_compress.methods.pruning import is_masked
+from lightning_compress.methods.pruning.channels import find_channel_groups
+from lightning_compress.methods.pruning.pruner import Pruner
 from lightning_compress.models import create_model
 
 
@@ -33,7 +35,7 @@ def _sparsity(model: nn.Module) -> float:
 @pytest.mark.parametrize("schedule, scope", [("agp", "layer"), ("agp", "global"), ("iterative", "layer"), ("one_shot", "global")])
 def test_reached_sparsity_follows_the_schedule_at_every_update(schedule, scope):
     pruning = IterativePruning(
-        sparsity=0.85, schedule=schedule, scope=scope, start_epoch=0, end_epoch=2, frequency=4, make_permanent=False
+        sparsity=0.85, schedule=schedule, scope=scope, start_epoch=0, end_epoch=2, frequency=4, finalize=False
     )
     trainer, module = _fit([pruning], max_epochs=3)
     steps_per_epoch = trainer.num_training_batches
@@ -45,7 +47,7 @@ def test_reached_sparsity_follows_the_schedule_at_every_update(schedule, scope):
 
 
 def test_without_rehabilitation_pruned_weights_stay_exactly_zero():
-    pruning = IterativePruning(sparsity=0.7, schedule="one_shot", start_epoch=1, make_permanent=False)
+    pruning = IterativePruning(sparsity=0.7, schedule="one_shot", start_epoch=1, finalize=False)
     _, module = _fit([pruning], max_epochs=3)
     for layer in module.model.modules():
         if is_masked(layer):
@@ -55,7 +57,7 @@ def test_without_rehabilitation_pruned_weights_stay_exactly_zero():
 def test_rehabilitation_splices_weights_back_and_keeps_dense_weights_learning():
     pruning = IterativePruning(
         sparsity=0.6, schedule="one_shot", start_epoch=0, frequency=2, rehabilitation=True, margin=0.0,
-        make_permanent=False,
+        finalize=False,
     )
     seen = {}
 
@@ -75,7 +77,7 @@ def test_rehabilitation_splices_weights_back_and_keeps_dense_weights_learning():
     assert abs(pruning.sparsity_now() - 0.6) < 0.005
 
 
-def test_make_permanent_loads_into_the_unpruned_architecture():
+def test_finalize_loads_into_the_unpruned_architecture():
     pruning = IterativePruning(sparsity=0.8, schedule="agp", start_epoch=0, end_epoch=1, frequency=3)
     _, module = _fit([pruning], max_epochs=2)
     assert not any(is_masked(m) for m in module.model.modules())
@@ -87,7 +89,7 @@ def test_make_permanent_loads_into_the_unpruned_architecture():
 
 def test_per_layer_sparsity_dict_and_targets():
     pruning = IterativePruning(
-        sparsity={"features.0": 0.2, "features.*": 0.5}, schedule="one_shot", start_epoch=0, make_permanent=False
+        sparsity={"features.0": 0.2, "features.*": 0.5}, schedule="one_shot", start_epoch=0, finalize=False
     )
     _, module = _fit([pruning], max_epochs=1)
     f = module.model.features
@@ -98,7 +100,7 @@ def test_per_layer_sparsity_dict_and_targets():
 
 def test_obd_waits_for_gradients_then_prunes_by_saliency():
     pruning = IterativePruning(sparsity=0.5, schedule="one_shot", start_epoch=0, criterion="obd", obd_batches=5,
-                               make_permanent=False)
+                               finalize=False)
     _, module = _fit([pruning], max_epochs=1)
     assert pruning.history[0][0] == 5  # the first update waited for 5 squared gradients
     assert pruning.sparsity_now() == pytest.approx(0.5, abs=0.005)
@@ -116,7 +118,7 @@ def test_obd_saliency_differs_from_magnitude():
 
 
 def test_rewinding_resets_survivors_to_the_saved_weights():
-    pruning = IterativePruning(sparsity=0.5, schedule="one_shot", start_epoch=1, rewind_epoch=0, make_permanent=False)
+    pruning = IterativePruning(sparsity=0.5, schedule="one_shot", start_epoch=1, rewind_epoch=0, finalize=False)
     saved = {}
 
     class Snapshot(pl.Callback):
@@ -180,7 +182,7 @@ def test_filter_pruning_refuses_residual_networks():
 
 
 def test_logs_sparsity_and_report_reads_it(tmp_path):
-    pruning = IterativePruning(sparsity=0.75, schedule="agp", start_epoch=0, end_epoch=1, frequency=5, make_permanent=False)
+    pruning = IterativePruning(sparsity=0.75, schedule="agp", start_epoch=0, end_epoch=1, frequency=5, finalize=False)
     report = CompressionReport(print_table=False)
     _fit([pruning, report], max_epochs=2, logger=CSVLogger(tmp_path), log_every_n_steps=1)
     with open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv") as f:
@@ -188,7 +190,7 @@ def test_logs_sparsity_and_report_reads_it(tmp_path):
     values = [float(r["pruning/sparsity"]) for r in rows if r.get("pruning/sparsity")]
     assert values and values[-1] == pytest.approx(0.75, abs=0.005)
     assert any(r.get("pruning/sparsity/features.0") for r in rows)
-    pruned = sum(layer.params - layer.nonzeros for layer in report.last_report.layers)
+    pruned = sum(layer.params - layer.nonzeros for layer in report.summary.layers)
     targeted = sum(m.weight.numel() for m in pruning.layers.values())
     assert pruned / targeted == pytest.approx(0.75, abs=0.005)
 
@@ -228,24 +230,24 @@ def test_targets_matching_nothing():
 
 def test_compressed_checkpoints_start_new_runs(tmp_path):
     """weights: from a mid-pruning checkpoint folds its masks; from a filter-pruned one resizes layers."""
-    pruning = IterativePruning(sparsity=0.7, schedule="one_shot", start_epoch=0, make_permanent=False)
+    pruning = IterativePruning(sparsity=0.7, schedule="one_shot", start_epoch=0, finalize=False)
     trainer, module = _fit([pruning], max_epochs=1)
     trainer.save_checkpoint(tmp_path / "masked.ckpt")
     started = ImageClassifier("digits_cnn", weights=str(tmp_path / "masked.ckpt"))
     assert _sparsity(started.model) == pytest.approx(0.7, abs=0.01)
 
     small = ImageClassifier("vgg_proxy")
-    pruning = IterativePruning(sparsity=0.5, schedule="one_shot", structure="filter")
-    pruning.setup(None, small, "fit")
-    pruning.update_masks(0.5)
-    pruning.finalize(small)
+    groups = find_channel_groups(small.model)
+    pruner = Pruner(small.model, list(groups), structure="filter", groups=groups)
+    pruner.attach()
+    pruner.update(0.5, first=True)
+    pruner.finalize()
     torch.save(small.model.state_dict(), tmp_path / "small.pt")
     pl_ckpt = {"state_dict": {f"model.{k}": v for k, v in small.model.state_dict().items()}}
     fresh = ImageClassifier("vgg_proxy", weights=str(tmp_path / "small.pt"))
     assert fresh.model.features[0].out_channels == 8
     other = ImageClassifier("vgg_proxy")
-    other.on_load_checkpoint(pl_ckpt)
-    other.load_state_dict(pl_ckpt["state_dict"], strict=False)
+    other.load_state_dict(pl_ckpt["state_dict"])  # the classifier rebuilds the smaller layers first
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(small.model.eval()(x), other.model.eval()(x))
@@ -262,7 +264,7 @@ def test_filter_pruning_on_mobilenet_warns_about_coupled_convolutions():
 
 def test_rehabilitation_freezes_masks_after_end_epoch():
     pruning = IterativePruning(sparsity=0.6, schedule="agp", start_epoch=0, end_epoch=1, frequency=3,
-                               rehabilitation=True, make_permanent=False)
+                               rehabilitation=True, finalize=False)
     trainer, _ = _fit([pruning], max_epochs=3)
     end_step = trainer.num_training_batches  # end_epoch = 1
     steps = [step for step, _ in pruning.history]

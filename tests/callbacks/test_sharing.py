@@ -27,7 +27,7 @@ def _distinct(layer: nn.Module) -> int:
 
 
 def test_cluster_at_epoch_then_finetune_centroids():
-    sharing = WeightSharing(bits=3, epoch=1)
+    sharing = WeightSharing(weight_bits=3, start_epoch=1)
     codebooks = {}
 
     class Watch(pl.Callback):
@@ -46,7 +46,7 @@ def test_cluster_at_epoch_then_finetune_centroids():
 
 
 def test_frozen_centroids_without_finetune():
-    sharing = WeightSharing(bits=2, epoch=1, finetune=False)
+    sharing = WeightSharing(weight_bits=2, start_epoch=1, finetune=False)
     snapshots = {}
 
     class Watch(pl.Callback):
@@ -58,7 +58,7 @@ def test_frozen_centroids_without_finetune():
 
 
 def test_at_fit_end_by_default_and_per_layer_bits():
-    sharing = WeightSharing(bits={"features.*": 4, "classifier": 2})
+    sharing = WeightSharing(weight_bits={"features.*": 4, "classifier": 2})
     _, module = _fit([sharing], max_epochs=1)
     assert _distinct(module.model.features[3]) <= 16 and _distinct(module.model.classifier) <= 4
     assert _distinct(module.model.features[3]) > 4
@@ -66,26 +66,26 @@ def test_at_fit_end_by_default_and_per_layer_bits():
 
 def test_pruned_weights_stay_zero_and_take_no_centroid(tmp_path):
     pruning = IterativePruning(sparsity=0.8, schedule="one_shot", start_epoch=0)
-    sharing = WeightSharing(bits=2, epoch=1)
+    sharing = WeightSharing(weight_bits=2, start_epoch=1)
     report = CompressionReport(print_table=False, input_size=[1, 8, 8])
     _, module = _fit([pruning, sharing, report], max_epochs=3, default_root_dir=tmp_path)
     layer = module.model.features[3]
     zeros = float((layer.weight == 0).float().mean())
     assert zeros == pytest.approx(0.8, abs=0.01)
     assert _distinct(layer) <= 4
-    row = next(r for r in report.last_report.layers if r.name == "features.3")
+    row = next(r for r in report.summary.layers if r.name == "features.3")
     assert row.bits == 2 and "shared" in row.note  # the report reads the folded codebook
-    assert report.last_report.compression_ratio > 10
+    assert report.summary.compression_ratio > 10
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(bits=0), "bits=0 must be an integer in 1..16"),
-        (dict(bits=17), "bits=17"),
-        (dict(bits={"features.*": 20}), "bits\\['features.\\*'\\]=20"),
+        (dict(weight_bits=0), "weight_bits=0 must be an integer in 1..16"),
+        (dict(weight_bits=17), "weight_bits=17"),
+        (dict(weight_bits={"features.*": 20}), "weight_bits\\['features.\\*'\\]=20"),
         (dict(init="kmeans++"), "init='kmeans\\+\\+'.*'linear', 'density', 'random'"),
-        (dict(epoch=-1), "epoch=-1"),
+        (dict(start_epoch=-1), "start_epoch=-1"),
     ],
 )
 def test_bad_arguments(kwargs, message):
@@ -95,7 +95,7 @@ def test_bad_arguments(kwargs, message):
 
 def test_bits_globs_matching_nothing():
     with pytest.raises(ValueError, match="match none of the targeted layers"):
-        WeightSharing(bits={"encoder.*": 4}).setup(None, ImageClassifier("digits_cnn"), "fit")
+        WeightSharing(weight_bits={"encoder.*": 4}).setup(None, ImageClassifier("digits_cnn"), "fit")
 
 
 def test_deep_compression_export_round_trips_bit_exactly(tmp_path):
@@ -104,9 +104,9 @@ def test_deep_compression_export_round_trips_bit_exactly(tmp_path):
     path = tmp_path / "model.lcpk"
     pruning = IterativePruning(sparsity=0.85, schedule="agp", start_epoch=0, end_epoch=1, frequency=5,
                                rehabilitation=True)
-    sharing = WeightSharing(bits={"features.*": 5, "classifier": 4}, epoch=2, export=str(path))
+    sharing = WeightSharing(weight_bits={"features.*": 5, "classifier": 4}, start_epoch=2, export=str(path))
     _, module = _fit([pruning, sharing], max_epochs=3)
-    summary = sharing.export_summary
+    summary = sharing.artifact
     assert path.stat().st_size == summary.file_bytes
     stages = summary.stages()
     assert stages["dense"] > stages["pruned"] > stages["+ shared"]
@@ -122,8 +122,8 @@ def test_deep_compression_export_round_trips_bit_exactly(tmp_path):
 
 def test_pruning_stops_rehabilitating_once_weights_are_shared():
     pruning = IterativePruning(sparsity=0.7, schedule="one_shot", start_epoch=0, frequency=2, rehabilitation=True,
-                               make_permanent=False)
-    sharing = WeightSharing(bits=3, epoch=1)
+                               finalize=False)
+    sharing = WeightSharing(weight_bits=3, start_epoch=1)
     _fit([pruning, sharing], max_epochs=3)
     steps_per_epoch = 20  # 1257 digits training images / 64
     assert all(step < steps_per_epoch for step, _ in pruning.history)  # no mask update after clustering

@@ -70,17 +70,17 @@ def main() -> None:
             rehabilitation=args.rehabilitation, criterion="magnitude",
         )
     elif args.method == "share":
-        method = WeightSharing(bits=3, epoch=1)
+        method = WeightSharing(weight_bits=3, start_epoch=1)
     elif args.method == "compose":
         method = [
-            TensorDecomposition(method="tucker", rank="energy:0.8", epoch=0, rank_multiple=4, print_table=False),
+            TensorDecomposition(method="tucker", rank="energy:0.8", start_epoch=0, rank_multiple=4, print_table=False),
             IterativePruning(sparsity=0.5, schedule="agp", start_epoch=0, end_epoch=3, frequency=3, scope="global"),
             QuantizationAwareTraining(weight_bits=8, activation_bits=8, start_epoch=1),
         ]
     elif args.method == "quantize":
         method = QuantizationAwareTraining(weight_bits=4, activation_bits=8, freeze_observers_epoch=2)
     else:
-        method = TensorDecomposition(method="tucker", rank="energy:0.8", epoch=args.decompose_epoch, rank_multiple=4)
+        method = TensorDecomposition(method="tucker", rank="energy:0.8", start_epoch=args.decompose_epoch, rank_multiple=4)
     methods = [method] if not isinstance(method, list) else method
     callbacks = [*methods, SaveOutcome(args.out)]
     if args.save_every_epoch:

@@ -102,10 +102,10 @@ def _check_decomposed(module: nn.Module, callbacks: list[Callback], final: bool)
 def _check_shared(module: nn.Module, callbacks: list[Callback], final: bool) -> None:
     sharing = next(c for c in callbacks if isinstance(c, WeightSharing))
     if not final:
-        return  # epoch=None: shared at fit end
+        return  # start_epoch=None: shared at fit end
     for name in _targeted(module, sharing.targets, is_prunable):
         values = module.get_submodule(name).weight.detach().unique().numel()
-        assert values <= 2**sharing.bits, (name, values)
+        assert values <= 2**sharing.weight_bits, (name, values)
 
 
 def _check_composed(module: nn.Module, callbacks: list[Callback], final: bool) -> None:
@@ -141,7 +141,7 @@ def _qat(network, tmp, targets=None):
     # from consistent statistics; freezing them from the start (freeze_bn_epoch=0) gives the same here.
     freeze = 0 if network in ("resnet18", "mobilenet_v3_small") else None
     return [QuantizationAwareTraining(weight_bits=8, activation_bits=8, targets=targets, freeze_bn_epoch=freeze,
-                                      export_onnx=str(tmp / "model.onnx"), calibration_batches=2)]
+                                      export=str(tmp / "model.onnx"), calibration_batches=2)]
 
 
 def _decompose(network, tmp, targets=None):
@@ -150,7 +150,7 @@ def _decompose(network, tmp, targets=None):
 
 
 def _share(network, tmp, targets=None):
-    return [WeightSharing(bits=4, export=str(tmp / "model.lcpk"), targets=targets)]
+    return [WeightSharing(weight_bits=4, export=str(tmp / "model.lcpk"), targets=targets)]
 
 
 def _composed(network, tmp, targets=None):
@@ -199,9 +199,9 @@ def _check_artifacts(module: pl.LightningModule, callbacks: list[Callback], netw
     with torch.no_grad():
         logits = module(x)
     for callback in callbacks:
-        if isinstance(callback, QuantizationAwareTraining) and callback.export_onnx:
+        if isinstance(callback, QuantizationAwareTraining) and callback.export:
             pytest.importorskip("onnxruntime")
-            session = exact_session(callback.export_onnx)
+            session = exact_session(callback.artifact.path)
             got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
             scale = float(logits.std())
             assert float((got - logits).abs().max()) <= 0.1 * scale

@@ -57,7 +57,8 @@ def _two_of_each(tmp_path):
                          QuantizationAwareTraining(weight_bits=4, targets=["net.3", "net.8"])],
         "decomposition": [TensorDecomposition(method="tucker", rank=0.5, rank_multiple=1, targets=["net.3"], print_table=False),
                           TensorDecomposition(method="svd", rank=2, rank_multiple=1, targets=["net.8"], print_table=False)],
-        "sharing": [WeightSharing(bits=3, epoch=1, targets=["net.0"]), WeightSharing(bits=5, epoch=1, targets=["net.3", "net.8"])],
+        "sharing": [WeightSharing(weight_bits=3, start_epoch=1, targets=["net.0"]),
+                    WeightSharing(weight_bits=5, start_epoch=1, targets=["net.3", "net.8"])],
     }
 
 

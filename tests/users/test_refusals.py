@@ -18,7 +18,7 @@ from .test_entry_points import _trainer
 
 def test_a_frequency_longer_than_the_ramp_warns_with_the_numbers_and_still_reaches_the_sparsity():
     # The case of the report: 4 steps an epoch here, 16 there; frequency=100 left every layer at 0%.
-    pruning = IterativePruning(sparsity=0.8, schedule="agp", start_epoch=0, end_epoch=2, make_permanent=False)
+    pruning = IterativePruning(sparsity=0.8, schedule="agp", start_epoch=0, end_epoch=2, finalize=False)
     with pytest.warns(UserWarning, match=r"frequency=100.*ramp from epoch 0 to 2 has 8 steps \(4 per epoch\)"):
         _trainer([pruning], max_epochs=3).fit(UserClassifier("mlp"), loader("mlp"))
     assert pruning.sparsity_now() == pytest.approx(0.8, abs=0.01)
@@ -30,8 +30,8 @@ def test_a_frequency_longer_than_the_ramp_warns_with_the_numbers_and_still_reach
         (IterativePruning(sparsity=0.5, start_epoch=3, end_epoch=5), r"start_epoch=3\) never prunes: fit has max_epochs=3"),
         (IterativePruning(sparsity=0.5, start_epoch=0, end_epoch=3), r"end_epoch=3\) reaches sparsity 0.5 .* max_epochs=3"),
         (QuantizationAwareTraining(start_epoch=3), r"start_epoch=3\) never fake-quantizes"),
-        (TensorDecomposition(method="svd", epoch=3), r"epoch=3\) never factorizes"),
-        (WeightSharing(epoch=3), r"epoch=3\) is after the fit's last epoch"),
+        (TensorDecomposition(method="svd", start_epoch=3), r"start_epoch=3\) never factorizes"),
+        (WeightSharing(start_epoch=3), r"start_epoch=3\) is after the fit's last epoch"),
     ],
 )
 def test_an_epoch_past_the_fit_warns_in_setup(callback, message):
@@ -44,7 +44,7 @@ def test_an_epoch_past_the_fit_warns_in_setup(callback, message):
     [
         (IterativePruning(sparsity=0.5, schedule="one_shot", start_epoch=5), "IterativePruning pruned nothing in this fit"),
         (QuantizationAwareTraining(start_epoch=5), "QuantizationAwareTraining never fake-quantized in this fit"),
-        (TensorDecomposition(method="svd", epoch=5), "TensorDecomposition never factorized in this fit"),
+        (TensorDecomposition(method="svd", start_epoch=5), "TensorDecomposition never factorized in this fit"),
     ],
 )
 def test_a_fit_that_compressed_nothing_says_so_at_its_end(callback, message):

@@ -218,13 +218,21 @@ def quantization_config(extra_state: dict[str, Any]) -> tuple[Format, Format | N
         raise ValueError(f"not the saved state of a fake-quant layer: {extra_state!r} ({error})") from error
 
 
+@torch.no_grad()
+def bake_quantized_weight(module: nn.Module) -> nn.Module:
+    """The weight takes its quantized value for good; the layer stays fake-quant and computes the same
+    (quantizing a weight already on its grid returns it unchanged). In place."""
+    if is_quantized(module):
+        module.weight.copy_(module.quantized_weight().to(module.weight.dtype))
+    return module
+
+
 def dequantize_layer(module: nn.Module) -> nn.Module:
     """Back to a plain (or still masked) Conv / Linear with the fake-quantized weight baked in (what
     was trained is what is kept); the quantization buffers are dropped. In place."""
     if not is_quantized(module):
         return module
-    with torch.no_grad():
-        module.weight.copy_(module.quantized_weight().to(module.weight.dtype))
+    bake_quantized_weight(module)
     for name in ("weight_bits", "activation_min", "activation_max", "activation_observed"):
         module._buffers.pop(name, None)
     module.__class__ = _UNQUANTIZED[type(module)]

@@ -18,6 +18,7 @@ import math
 import torch
 from torch import nn
 
+from ..distributed import broadcast_
 from .kmeans import kmeans_1d
 
 
@@ -52,10 +53,11 @@ def share_weights(module: nn.Module, bits: int, init: str = "linear", iters: int
     code[kept] = labels.to(torch.int32)
     module.weight_code.copy_(code)
     module.weight_codebook.copy_(centroids)
-    _write_weights(module)
+    write_weights(module)
 
 
-def _write_weights(module: nn.Module) -> None:
+def write_weights(module: nn.Module) -> None:
+    """Each weight := its centroid's value (zero where pruned)."""
     code = module.weight_code
     values = module.weight_codebook.to(module.weight.dtype)[code.long().clamp(min=0)]
     module.weight.copy_(torch.where(code >= 0, values, torch.zeros((), dtype=values.dtype, device=values.device)))
@@ -94,7 +96,7 @@ def sync_to_codebook(module: nn.Module) -> None:
     counts = torch.bincount(code[code >= 0], minlength=module.weight_codebook.numel()).float()
     sums = _cluster_sum(module, module.weight.detach())
     module.weight_codebook.copy_(torch.where(counts > 0, sums / counts.clamp(min=1), module.weight_codebook))
-    _write_weights(module)
+    write_weights(module)
 
 
 def remove_codebook_buffers(module: nn.Module) -> None:
@@ -108,3 +110,13 @@ def codebook_stats(module: nn.Module) -> dict:
     bits = int(math.log2(module.weight_codebook.numel()))
     kept = int((module.weight_code >= 0).sum())
     return {"bits": bits, "nonzeros": kept, "note": f"shared, {module.weight_codebook.numel()} centroids"}
+
+
+@torch.no_grad()
+def broadcast_codebooks(modules) -> None:
+    """Rank 0's codes and codebooks on every process (k-means is deterministic; this rules out device
+    ties), and the weights rewritten from them. No-op outside torch.distributed."""
+    for module in modules:
+        broadcast_(module.weight_code)
+        broadcast_(module.weight_codebook)
+        write_weights(module)
