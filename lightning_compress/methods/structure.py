@@ -45,7 +45,7 @@ from torch import nn
 
 from .coverage import keep_regular_forward
 from .decomposition.apply import restore_factorized
-from .pruning.channels import resize_to_state_dict
+from .pruning.surgery import resize_to_state_dict
 from .pruning.masks import add_mask, is_masked, is_prunable
 from .quantization.layers import can_quantize, is_quantized, quantization_config, quantize_layer
 

@@ -7,14 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_compress.methods.pruning import channels
-from lightning_compress.methods.pruning.channels import (
-    ChannelGroup,
-    find_channel_groups,
-    remove_channels,
-    resize_to_state_dict,
-    unsupported_convs,
-)
+from lightning_compress.methods.pruning import surgery
+from lightning_compress.methods.pruning.channels import ChannelGroup, find_channel_groups, unsupported_convs
+from lightning_compress.methods.pruning.surgery import remove_channels, resize_to_state_dict
 from lightning_compress.methods.pruning.masks import MaskedConv2d, MaskedLinear, add_mask, is_prunable
 from lightning_compress.models import create_model
 
@@ -260,7 +255,7 @@ def test_a_failed_shape_check_undoes_every_replacement(monkeypatch):
     model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.Flatten(), nn.Linear(96, 5))
     originals = list(model)
     wrong = {"0": ChannelGroup("0", "1", "3", features_per_channel=1)}
-    monkeypatch.setattr(channels, "_analyse", lambda m: (wrong, {}))
+    monkeypatch.setattr(surgery, "analyse", lambda m: (wrong, {}))
     with pytest.raises(RuntimeError):
         remove_channels(model, {"0": torch.tensor([True, False] * 3)}, example_input=torch.randn(1, 3, 4, 4))
     assert all(new is old for new, old in zip(model, originals))

@@ -193,7 +193,7 @@ class Pruner:
                 layer._buffers.pop(buffer, None)
             M.remove_mask(layer, fold=True)
         if channel_keep and not all(bool(k.all()) for k in channel_keep.values()):
-            from .channels import remove_channels
+            from .surgery import remove_channels
 
             remove_channels(self.root, channel_keep)
 
