@@ -30,11 +30,17 @@ class CompressionReport(Callback):
         on_test: report at the end of ``test`` as well.
 
     Example:
+        >>> import tempfile
         >>> import lightning.pytorch as pl
-        >>> from lightning_compress import CompressionReport, DigitsDataModule, ImageClassifier
-        >>> trainer = pl.Trainer(max_epochs=1, callbacks=[CompressionReport()], logger=False,
-        ...                      enable_checkpointing=False, enable_progress_bar=False)
-        >>> trainer.fit(ImageClassifier("digits_cnn"), datamodule=DigitsDataModule())  # doctest: +SKIP
+        >>> from lightning_compress import CompressionReport, DigitsDataModule, ImageClassifier, IterativePruning
+        >>> report = CompressionReport(print_table=False)
+        >>> pruning = IterativePruning(sparsity=0.75, schedule="one_shot", start_epoch=0)
+        >>> trainer = pl.Trainer(max_epochs=1, callbacks=[pruning, report], logger=False, enable_checkpointing=False,
+        ...                      enable_progress_bar=False, enable_model_summary=False,
+        ...                      default_root_dir=tempfile.mkdtemp())
+        >>> trainer.fit(ImageClassifier("digits_cnn", optimizer="adamw", lr=0.01), datamodule=DigitsDataModule())
+        >>> round(report.summary.sparsity, 2), report.summary.compression_ratio > 1.5, report.last_path.name
+        (0.74, True, 'compression_report.json')
     """
 
     def __init__(

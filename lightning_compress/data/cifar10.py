@@ -46,9 +46,10 @@ class CIFAR10DataModule(pl.LightningDataModule):
     Shuffling and augmentation are functions of the seed of ``seed_everything``, the epoch and the
     step, so a run resumed from a checkpoint sees the same batches as an uninterrupted one.
 
-    Example:
-        >>> dm = CIFAR10DataModule(data_dir="data", batch_size=256)  # doctest: +SKIP
-        >>> trainer.fit(model, datamodule=dm)  # doctest: +SKIP
+    Example (nothing is read until ``prepare_data`` / ``setup``; ``trainer.fit(model, datamodule=dm)`` does it):
+        >>> dm = CIFAR10DataModule(data_dir="data", batch_size=256, val_size=0)
+        >>> dm.num_classes, dm.input_shape, dm.classes[:3]
+        (10, (3, 32, 32), ('airplane', 'automobile', 'bird'))
     """
 
     num_classes = len(CLASSES)

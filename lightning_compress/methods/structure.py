@@ -68,6 +68,14 @@ def restore_structure(model: nn.Module, state_dict: MutableMapping[str, torch.Te
     share. Where ``model`` holds a mask or a compression buffer that ``state_dict`` lacks, the entry is
     added to ``state_dict`` (a mutable mapping then): a mask from the weight's exact zeros, anything
     else with the model's current value. Returns the names of the layers changed, in model order.
+
+    Example (a fake-quant layer's formats travel in its state dict):
+        >>> from lightning_compress.methods.quantization import Format, is_quantized, quantize_layer
+        >>> trained = nn.Sequential(nn.Conv2d(3, 8, 3))
+        >>> _ = quantize_layer(trained[0], Format(4, "symmetric"), Format(8, "affine"))
+        >>> fresh = nn.Sequential(nn.Conv2d(3, 8, 3))
+        >>> restore_structure(fresh, trained.state_dict()), is_quantized(fresh[0]), int(fresh[0].weight_bits)
+        (['0'], True, 4)
     """
     if "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):
         state_dict = state_dict["state_dict"]
@@ -165,8 +173,15 @@ def plain_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
     """The weights as a plain network holds them: masks multiplied in, every compression entry dropped.
 
     Shapes stay as they are (factorized layers and removed channels are structure that
-    :func:`restore_structure` rebuilds); fake-quant layers keep their full-precision weights, shared
-    layers the centroid values their weights already hold.
+    :func:`restore_structure` rebuilds); fake-quant layers keep their weights (full precision unless
+    finalized), shared layers the centroid values their weights already hold.
+
+    Example:
+        >>> import torch
+        >>> state = {"0.weight": torch.tensor([[1.0, 2.0]]), "0.weight_mask": torch.tensor([[True, False]]),
+        ...          "0.weight_bits": torch.tensor(8)}
+        >>> plain_state_dict(state)
+        {'0.weight': tensor([[1., 0.]])}
     """
     out = {k: v for k, v in state_dict.items() if k.rpartition(".")[2] not in COMPRESSION_ENTRIES}
     for key, mask in state_dict.items():

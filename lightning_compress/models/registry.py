@@ -19,7 +19,12 @@ def register_model(fn: ModelBuilder) -> ModelBuilder:
 
 
 def list_models() -> list[str]:
-    """Names accepted by :func:`create_model`, sorted."""
+    """Names accepted by :func:`create_model`, sorted.
+
+    Example:
+        >>> "vgg19_bn" in list_models() and "mobilenet_v2" in list_models()
+        True
+    """
     return sorted(_REGISTRY)
 
 

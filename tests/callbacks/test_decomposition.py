@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import doctest
 
 import lightning.pytorch as pl
 import pytest
@@ -8,7 +7,6 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_compress import DigitsDataModule, ImageClassifier, TensorDecomposition, compression_report
-from lightning_compress.callbacks import decomposition as decomposition_module
 from lightning_compress.methods.decomposition import Factorized
 
 
@@ -22,10 +20,6 @@ def _trainer(callbacks, max_epochs=2, **kwargs):
 def _module(**kwargs):
     pl.seed_everything(0)
     return ImageClassifier("digits_cnn", optimizer="sgd", lr=0.05, **kwargs)
-
-
-def test_docstring_example_runs():
-    assert doctest.testmod(decomposition_module, raise_on_error=True).attempted > 0
 
 
 def test_epoch_zero_factorizes_in_setup_and_the_factors_train():

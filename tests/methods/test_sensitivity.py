@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import doctest
 import sys
 
 import pytest
@@ -207,6 +206,3 @@ def test_methods_do_not_import_lightning():
     source = sensitivity_module.__loader__.get_source(sensitivity_module.__name__)
     assert "lightning" not in source.replace("lightning_compress", "")
 
-
-def test_docstring_example_runs():
-    assert doctest.testmod(sensitivity_module, raise_on_error=True).attempted > 0

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
@@ -217,11 +218,12 @@ def _pruned(weight: torch.Tensor, level: float) -> Iterator[None]:
 
 
 def _progress_bar(enabled: bool) -> Progress:
-    # A disabled rich Progress accepts the same calls and draws nothing.
+    # A disabled rich Progress accepts the same calls and draws nothing. Only on a terminal, as the
+    # callbacks' bars: in a log a bar is a line of noise.
     return Progress(
         TextColumn("sensitivity [bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
-        disable=not enabled,
+        disable=not enabled or not Console().is_terminal,
     )
