@@ -8,16 +8,14 @@ Measured in one run, on whatever CPU (or GPU, with --device cuda) this runs on:
   no augmentation at all), and by torchvision.transforms.v2 applied per image in ``__getitem__``
   (the usual pipeline), both with the default collate.
 
-    python -m benchmarks.data_pipeline [--data-dir DIR] [--device cpu]
+    python -m benchmarks data-pipeline [--data-dir DIR] [--device cpu]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -26,7 +24,7 @@ from lightning_compress import CIFAR10DataModule
 from lightning_compress.data.augment import normalize
 from lightning_compress.data.cifar10 import CIFAR10_MEAN, CIFAR10_STD
 
-RESULTS = Path(__file__).parent / "results"
+from .common import machine, parser, write_result
 
 
 class _FakeTrainer:
@@ -64,13 +62,13 @@ def _rate(batches, device: torch.device, step) -> float:
     return n / (time.perf_counter() - start)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--batches", type=int, default=100)
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    ap = parser("data-pipeline", __doc__)
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--device", default="cpu", help="where the batches go (cpu, cuda)")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--batches", type=int, default=100)
+    args = ap.parse_args(argv)
     device = torch.device(args.device)
 
     with tempfile.TemporaryDirectory() as cache:
@@ -106,8 +104,8 @@ def main() -> None:
 
     result = {
         "benchmark": "data_pipeline",
-        "device": str(device),
-        "threads": torch.get_num_threads(),
+        "machine": machine(),
+        "device": str(device),  # the device the batches were moved to, one of the settings
         "batch_size": args.batch_size,
         "batches": args.batches,
         "cold_start_s": round(cold, 2),
@@ -120,8 +118,7 @@ def main() -> None:
         "ratio_datamodule_vs_plain": round(ours / plain, 3),
         "ratio_datamodule_vs_per_image": round(ours / per_image, 2),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"data_pipeline_{device.type}.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_result(f"data_pipeline_{device.type}.json", result)
     print(json.dumps(result, indent=2))
 
 

@@ -1,13 +1,13 @@
 """TensorDecomposition on VGG19-BN / CIFAR-10: accuracy after fine-tuning, training step time, latency.
 
-    python -m benchmarks.decomposition_vgg19 train --output results.json
+    python -m benchmarks decomposition-vgg19 train --output results.json
         Trains the baseline (``--baseline-epochs``, the recipe's settings: SGD + Nesterov, cosine, label
         smoothing 0.1, bf16-mixed and channels_last on a GPU), then for each ``--targets`` factor:
         Tucker-2 with ``target_compression`` (whole-model parameters), test accuracy right after the
         factorization, ``--finetune-epochs`` of fine-tuning, test accuracy and seconds per epoch. The
         dense and decomposed models' training step times are also measured on one synthetic batch in
         the same process (ratios, not absolute figures, are the claim). Meant for a GPU; runs anywhere.
-    python -m benchmarks.decomposition_vgg19 speed
+    python -m benchmarks decomposition-vgg19 speed
         CPU: seconds to plan and factorize all 16 convolutions, and inference latency dense vs
         decomposed at batch 1 and 32, beside the MAC reduction.
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -32,16 +31,7 @@ from lightning_compress import CIFAR10DataModule, ImageClassifier, TensorDecompo
 from lightning_compress.methods.decomposition import apply_plan, plan_decomposition, plan_from_state
 from lightning_compress.models import create_model
 
-from .pruning_proxy import _latency  # median CPU inference seconds of a model at a batch size
-
-RESULTS = Path(__file__).parent / "results"
-
-
-def _machine() -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_threads": torch.get_num_threads()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
+from .common import RESULTS, machine, model_latency, parser, peer_energy_tucker, write_result
 
 
 class EpochTimer(pl.Callback):
@@ -113,12 +103,10 @@ def train(args: argparse.Namespace) -> None:
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
     torch.set_float32_matmul_precision("high")
-    out = {"machine": _machine(), "settings": vars(args).copy(), "runs": []}
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    out = {"machine": machine(), "settings": vars(args).copy(), "runs": []}
 
     def save() -> None:
-        output.write_text(json.dumps(out, indent=2))
+        write_result(args.output, out)
 
     dm = CIFAR10DataModule(args.data_dir, batch_size=args.batch_size, val_size=0, train_subset=args.train_subset,
                            test_subset=args.test_subset)
@@ -185,8 +173,6 @@ def train(args: argparse.Namespace) -> None:
 
     for energy in args.peer_energy:
         # The peer of the DESIGN table: TensorLy partial_tucker at per-mode energy ranks, exact ranks.
-        from .decomposition_proxy import peer_energy_tucker
-
         pl.seed_everything(0)
         peer = _module(args.finetune_lr, weights=str(ckpt))
         factorize_start = time.perf_counter()
@@ -221,7 +207,7 @@ def speed(args: argparse.Namespace) -> None:
     names = [n for n, m in dense.named_modules() if isinstance(m, torch.nn.Conv2d)]
     dense_report = compression_report(dense, input_size=(3, 32, 32))
     rows = []
-    dense_latency = {b: _latency(dense.eval(), b, args.repeats) for b in (1, 32)}
+    dense_latency = {b: model_latency(dense.eval(), b, args.repeats) for b in (1, 32)}
     trained_plans = {}
     if args.plans:
         # Ranks chosen from trained weights (the GPU run's JSON): the architecture whose latency counts.
@@ -239,7 +225,7 @@ def speed(args: argparse.Namespace) -> None:
             model = create_model("vgg19_bn").eval()
             apply_plan(model, trained_plans[target], from_weights=False)
         report = compression_report(model, input_size=(3, 32, 32))
-        latency = {b: _latency(model.eval(), b, args.repeats) for b in (1, 32)}
+        latency = {b: model_latency(model.eval(), b, args.repeats) for b in (1, 32)}
         rows.append({
             "target_compression": target, "params": report.params, "compression": dense_report.params / report.params,
             "mac_reduction": dense_report.macs / report.macs, "plan_seconds": planned - start,
@@ -248,14 +234,15 @@ def speed(args: argparse.Namespace) -> None:
             "latency_seconds": latency, "speedup": {b: dense_latency[b] / latency[b] for b in latency},
         })
         print(json.dumps(rows[-1]), flush=True)
-    out = {"machine": _machine(), "weights": args.weights or "random init (seed 0)", "plans": args.plans, "dense_params": dense_report.params,
-           "dense_macs": dense_report.macs, "dense_latency_seconds": dense_latency, "runs": rows}
-    Path(args.output).write_text(json.dumps(out, indent=2))
+    out = {"machine": machine(), "weights": args.weights or "random init (seed 0)", "plans": args.plans,
+           "dense_params": dense_report.params, "dense_macs": dense_report.macs, "dense_latency_seconds": dense_latency,
+           "runs": rows}
+    write_result(args.output, out)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+def main(argv: list[str] | None = None) -> None:
+    ap = parser("decomposition-vgg19", __doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train")
     t.add_argument("--data-dir", default=None)
     t.add_argument("--output", default=str(RESULTS / "decomposition_vgg19_gpu.json"))
@@ -279,7 +266,7 @@ def main() -> None:
     s.add_argument("--repeats", type=int, default=20)
     s.add_argument("--weights", default=None, help="a checkpoint of trained weights (default: random init)")
     s.add_argument("--plans", default=None, help="a `train` results JSON: measure latency at its ranks")
-    args = parser.parse_args()
+    args = ap.parse_args(argv)
     train(args) if args.command == "train" else speed(args)
 
 

@@ -7,15 +7,13 @@ same k-means, ``save_compressed`` and ``load_compressed``; Huffman encode and de
 drawn from a geometric distribution (p = 0.25, clipped to 256 symbols); with the file size and its
 ratio to ``torch.save`` of the fp32 state dict. Written to ``benchmarks/results/packed_vgg19.json``.
 
-    python -m benchmarks.packed_vgg19
+    python -m benchmarks packed-vgg19
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +29,7 @@ from lightning_compress.methods.sharing.huffman import huffman_decode, huffman_e
 from lightning_compress.methods.sharing.packed import load_compressed, save_compressed
 from lightning_compress.models import create_model
 
-RESULTS = Path(__file__).parent / "results"
+from .common import machine, parser, write_result
 
 
 @torch.no_grad()
@@ -69,11 +67,11 @@ def best_of(repeats: int, fn) -> tuple[float, object]:
     return min(times), result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--symbols", type=int, default=20_000_000)
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    ap = parser("packed-vgg19", __doc__)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--symbols", type=int, default=20_000_000)
+    args = ap.parse_args(argv)
 
     torch.manual_seed(0)
     dense = create_model("vgg19_bn").eval()
@@ -100,7 +98,7 @@ def main() -> None:
     decode_s, decoded = best_of(args.repeats, lambda: huffman_decode(stream))
 
     result = {
-        "device": f"CPU, {torch.get_num_threads()} torch threads ({platform.machine()})",
+        "machine": machine(),
         "model": "vgg19_bn",
         "sparsity": 0.95,
         "bits": 5,
@@ -123,8 +121,7 @@ def main() -> None:
         "huffman_round_trip_exact": bool(np.array_equal(decoded, symbols)),
     }
     print(json.dumps(result, indent=2))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "packed_vgg19.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_result("packed_vgg19.json", result)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Run the recipes themselves at CPU-proxy scale and measure what each one produced.
 
-    python -m benchmarks.recipes run               # every run below (about an hour on two cores)
-    python -m benchmarks.recipes run --only vgg19  # runs whose name starts with a prefix
-    python -m benchmarks.recipes latency           # ONNX Runtime / torch latency of every artifact
-    python -m benchmarks.recipes report            # README table and the PNG plots from the JSON
+    python -m benchmarks recipes run               # every run below (about an hour on two cores)
+    python -m benchmarks recipes run --only vgg19  # runs whose name starts with a prefix
+    python -m benchmarks recipes latency           # ONNX Runtime / torch latency of every artifact
+    python -m benchmarks report recipes            # README table and the PNG plots from the JSON
 
 Each run loads a recipe from ``recipes/``, scales it down with one fixed rule (below), trains it through
 the same LightningCLI that ``lightning-compress fit`` uses, and measures the result: test accuracy of
@@ -32,8 +32,6 @@ import io
 import json
 import math
 import os
-import platform
-import statistics
 import time
 from pathlib import Path
 
@@ -46,12 +44,11 @@ from lightning_compress.callbacks.targets import compressible_root
 from lightning_compress.cli import build_cli
 from lightning_compress.data.cifar10_source import default_cache_dir, default_data_dir
 
-from .proxy import BATCH_SIZE, TEST_IMAGES, TRAIN_IMAGES
-from .quantization_proxy import _export_fp32, _ort_session
+from .common import (BATCH_SIZE, RESULTS, TEST_IMAGES, TRAIN_IMAGES, export_fp32, fx_qat, machine, median_seconds,
+                     model_pruning, ort_session, parser, peer_energy_tucker, read_result, tucker_params, write_result)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
-RESULTS = Path(__file__).parent / "results"
 RESULTS_FILE = RESULTS / "recipes_cpu.json"
 WORK = ROOT / "checkpoints" / "recipes_cpu"
 
@@ -86,10 +83,6 @@ RUNS = [
     ("mobilenet_v2/baseline", "mobilenet_v2_cifar10/baseline.yaml", None),
     ("mobilenet_v2/qat_int8", "mobilenet_v2_cifar10/qat_int8.yaml", None),
 ]
-
-
-def _device() -> str:
-    return f"CPU, {torch.get_num_threads()} threads ({platform.machine()})"
 
 
 def _slug(name: str) -> str:
@@ -135,8 +128,6 @@ def _drop_callback(trainer, class_name: str) -> None:
 
 
 def _peer_model_pruning(cli, config: dict, rows: dict) -> None:
-    from .pruning_proxy import model_pruning
-
     args = _callback_args(config, "IterativePruning")
     _drop_callback(cli.trainer, "IterativePruning")
     # torch.nn.utils.prune flattens weights with view(), which NHWC (channels_last) weights refuse
@@ -145,25 +136,8 @@ def _peer_model_pruning(cli, config: dict, rows: dict) -> None:
     cli.trainer.callbacks.insert(0, model_pruning(cli.model.model, args["sparsity"], args["end_epoch"] - args["start_epoch"]))
 
 
-def _tucker_params(model: nn.Module, energy: float) -> int:
-    """Parameters after the peer's energy-rank Tucker-2 of every KxK convolution, without factorizing."""
-    from lightning_compress.methods.decomposition.ranks import energy_rank, spectrum
-
-    total = 0
-    for layer in model.modules():
-        if isinstance(layer, nn.Conv2d) and layer.kernel_size != (1, 1) and layer.groups == 1:
-            w = layer.weight.detach()
-            r_out = energy_rank(spectrum(w.reshape(w.shape[0], -1)), energy)
-            r_in = energy_rank(spectrum(w.transpose(0, 1).reshape(w.shape[1], -1)), energy)
-            factorized = w.shape[1] * r_in + r_in * r_out * w.shape[2] * w.shape[3] + r_out * w.shape[0]
-            total += factorized - w.numel()  # the bias moves to the last stage unchanged
-    return sum(p.numel() for p in model.parameters()) + total
-
-
 def _peer_tensorly_tucker(cli, config: dict, rows: dict) -> None:
     """TensorLy Tucker at the per-mode energy that gives the parameter count of our Tucker row."""
-    from .decomposition_proxy import peer_energy_tucker
-
     ours = rows.get("vgg19/tucker")
     if ours is None:
         raise SystemExit("the TensorLy peer matches our Tucker row's size: run vgg19/tucker first")
@@ -172,18 +146,16 @@ def _peer_tensorly_tucker(cli, config: dict, rows: dict) -> None:
     low, high = 0.0, 1.0
     for _ in range(30):  # bisection: the smallest energy whose parameter count reaches ours
         mid = (low + high) / 2
-        low, high = (mid, high) if _tucker_params(model, mid) < ours["params"] else (low, mid)
+        low, high = (mid, high) if tucker_params(model, mid) < ours["params"] else (low, mid)
     peer_energy_tucker(model, high)
     cli.model.peer_note = f"energy {high:.4f}"
 
 
 def _peer_torch_ao_qat(cli, config: dict, rows: dict) -> None:
-    from .quantization_proxy import _fx_qat
-
     _drop_callback(cli.trainer, "QuantizationAwareTraining")
     _drop_callback(cli.trainer, "CompressionReport")  # it cannot read torch.ao's observers
     cli.model.hparams.channels_last = False
-    cli.model.model = _fx_qat(cli.model.model.to(memory_format=torch.contiguous_format))
+    cli.model.model = fx_qat(cli.model.model.to(memory_format=torch.contiguous_format))
 
 
 PEERS = {"model_pruning": _peer_model_pruning, "tensorly_tucker": _peer_tensorly_tucker, "torch_ao_qat": _peer_torch_ao_qat}
@@ -210,7 +182,7 @@ def _accuracy(predict, datamodule) -> float:
 
 
 def _ort_predict(path: Path):
-    session = _ort_session(path, torch.get_num_threads())
+    session = ort_session(path, torch.get_num_threads())
     return lambda images: torch.from_numpy(session.run(None, {"input": images.numpy()})[0])
 
 
@@ -253,13 +225,15 @@ def measure(cli, config: dict, run_dir: Path, peer: str | None) -> dict:
                macs=report.macs, sparse_macs=report.sparse_macs, layers=_layers(report, net),
                state_dict_bytes=_state_dict_bytes(net))
     if qat and qat.get("export"):
-        artifact = next(Path(c.artifact.path) for c in cli.trainer.callbacks if isinstance(c, QuantizationAwareTraining))
+        # resolved: a relative export path lands under the log directory, itself relative to WORK (the cwd)
+        artifact = next(Path(c.artifact.path).resolve() for c in cli.trainer.callbacks
+                        if isinstance(c, QuantizationAwareTraining))
         row.update(runtime="onnxruntime", accuracy=_accuracy(_ort_predict(artifact), dm),
                    file_format="ONNX QDQ int8", latency_file=str(artifact.relative_to(WORK)))
     else:
         if shared and shared.get("export"):  # the recipe wrote it; WeightSharing kept its summary
             summary = next(c.artifact for c in cli.trainer.callbacks if isinstance(c, WeightSharing))
-            artifact = Path(summary.path)
+            artifact = Path(summary.path).resolve()
         else:
             artifact = run_dir / "model.lcpk"
             summary = save_compressed(net, artifact)
@@ -268,7 +242,7 @@ def measure(cli, config: dict, run_dir: Path, peer: str | None) -> dict:
                                "manifest": summary.manifest_bytes, "header": summary.file_bytes - weights
                                - summary.other_bytes - summary.manifest_bytes}
         fp32 = run_dir / "model.fp32.onnx"
-        _export_fp32(net, fp32)
+        export_fp32(net, fp32)
         row.update(runtime="onnxruntime", accuracy=_accuracy(_ort_predict(fp32), dm),
                    file_format="packed (lightning_compress .lcpk)", latency_file=str(fp32.relative_to(WORK)))
         if peer is None and not config["model"].get("weights"):  # a baseline: also traced for torch.ao's row
@@ -312,7 +286,7 @@ def run_one(name: str, recipe: str, peer: str | None, rows: dict, data_dir: str,
 
 
 def _load() -> dict:
-    return json.loads(RESULTS_FILE.read_text()) if RESULTS_FILE.is_file() else {"runs": []}
+    return read_result(RESULTS_FILE) or {"runs": []}
 
 
 def _save(data: dict) -> None:
@@ -322,13 +296,14 @@ def _save(data: dict) -> None:
         if base:
             r["delta_points"] = round(100 * (r["accuracy"] - base["accuracy"]), 2)
             r["ratio_vs_fp32_state_dict"] = base["state_dict_bytes"] / r["file_bytes"]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    RESULTS_FILE.write_text(json.dumps(data, indent=1) + "\n")
+    write_result(RESULTS_FILE, data, indent=1)
 
 
 def run(args: argparse.Namespace) -> None:
     data = _load()
-    data.update(device=_device(), torch=torch.__version__, scale=__doc__.split("The CPU scale")[1].split("Run artifacts")[0].strip())
+    for legacy in ("device", "torch"):  # what "machine" replaced
+        data.pop(legacy, None)
+    data.update(machine=machine(), scale=__doc__.split("The CPU scale")[1].split("Run artifacts")[0].strip())
     done = {r["name"]: r for r in data["runs"]}
     data_dir, cache_dir = str(Path(args.data_dir or default_data_dir()).resolve()), str(Path(default_cache_dir()).resolve())
     for name, recipe, peer in RUNS:
@@ -358,51 +333,37 @@ def latency(args: argparse.Namespace) -> None:
         if r["runtime"] == "onnxruntime":
             # without spinning: spinning ORT threads starved the torch runner that came next on two
             # cores (torch.ao's model took 32 ms between ORT sessions and 0.46 ms alone)
-            session = _ort_session(path, args.threads, spinning=False)
+            session = ort_session(path, args.threads, spinning=False)
             runners[r["name"]] = lambda x, s=session: s.run(None, {"input": x.numpy()})
         else:
             runners[r["name"]] = torch.jit.load(str(path)).eval()
         if r["name"].endswith("/baseline") and (path.parent / "model.fp32.pt").is_file():
             runners[r["name"] + " (torch)"] = torch.jit.load(str(path.parent / "model.fp32.pt")).eval()
     x = torch.randn(1, 3, 32, 32)
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    with torch.inference_mode():
-        for i in range(args.repeats + WARMUP):
-            for name, runner in runners.items():
-                start = time.perf_counter()
-                runner(x)
-                if i >= WARMUP:
-                    times[name].append(time.perf_counter() - start)
-    median = {name: statistics.median(t) for name, t in times.items()}
+    median = median_seconds({name: (lambda r=runner: r(x)) for name, runner in runners.items()}, args.repeats, WARMUP)
     for r in data["runs"]:
         base = f"{r['name'].split('/')[0]}/baseline" + (" (torch)" if r["runtime"] == "torch" else "")
         r["latency_ms"] = round(1000 * median[r["name"]], 3)
         r["speedup"] = median[base] / median[r["name"]] if base in median else None
-    data["latency"] = {"batch": 1, "threads": args.threads, "repeats": args.repeats, "device": _device(),
+    data["latency"] = {"batch": 1, "threads": args.threads, "repeats": args.repeats, "machine": machine(),
                        "baseline_torch_ms": {k: round(1000 * v, 3) for k, v in median.items() if k.endswith("(torch)")}}
     _save(data)
     for r in data["runs"]:
         print(f"{r['name']:40s} {r['latency_ms']:8.3f} ms  {r['speedup'] or float('nan'):.2f}x")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run")
+def main(argv: list[str] | None = None) -> None:
+    ap = parser("recipes", __doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="train and measure the recipes at CPU-proxy scale")
     r.add_argument("--data-dir", default=None)
     r.add_argument("--only", nargs="*", default=None, help="row-name prefixes, e.g. vgg19 or vgg19/tucker")
     r.add_argument("--force", action="store_true", help="rerun rows already in the results JSON")
-    lat = sub.add_parser("latency")
+    lat = sub.add_parser("latency", help="batch-1 CPU latency of every artifact, taking turns")
     lat.add_argument("--threads", type=int, default=2)
     lat.add_argument("--repeats", type=int, default=100)
-    sub.add_parser("report")
-    args = parser.parse_args()
-    if args.command == "report":
-        from .recipes_report import main as report
-
-        report()
-    else:
-        {"run": run, "latency": latency}[args.command](args)
+    args = ap.parse_args(argv)
+    {"run": run, "latency": latency}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,22 @@
-"""The benchmark scripts import, and the peer they configure follows the intended schedule."""
+"""The benchmarks import and dispatch through one entry point, share one set of helpers, the peers
+they configure follow the intended schedule, and the README shows what the results JSONs hold."""
 
 from __future__ import annotations
 
+import ast
 import copy
+import json
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+BENCHMARKS_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+
 
 def test_model_pruning_amounts_compose_to_the_cubic_ramp():
-    from benchmarks.pruning_proxy import cubic, model_pruning
+    from benchmarks.common import cubic, model_pruning
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2))
     peer = model_pruning(model, final=0.98, ramp_epochs=8)
@@ -22,29 +28,112 @@ def test_model_pruning_amounts_compose_to_the_cubic_ramp():
     assert len(peer._parameters_to_prune) == 2  # convolutions and linear layers only, no BatchNorm
 
 
-def test_benchmark_modules_import():
-    import benchmarks.data_pipeline  # noqa: F401
-    import benchmarks.proxy  # noqa: F401
+def test_every_listed_benchmark_imports_and_has_main():
+    import importlib
+
+    from benchmarks.__main__ import BENCHMARKS
+
+    modules = {module for module, _ in BENCHMARKS.values()}
+    files = {p.stem for p in BENCHMARKS_DIR.glob("*.py")} - {"__init__", "__main__", "common"}
+    assert modules == files  # every benchmark is listed, and every listed one exists
+    for module in modules:
+        assert callable(importlib.import_module(f"benchmarks.{module}").main)
 
 
-def test_new_benchmark_modules_import():
-    import benchmarks.decomposition_proxy  # noqa: F401
-    import benchmarks.decomposition_vgg19  # noqa: F401
-    import benchmarks.quantization_proxy  # noqa: F401
+def test_entry_point_lists_and_dispatches(capsys):
+    from benchmarks.__main__ import BENCHMARKS, main
+
+    assert main([]) == 0 and main(["--help"]) == 0
+    listing = capsys.readouterr().out
+    assert all(f"  {name} " in listing for name in BENCHMARKS)
+    assert main(["no-such-benchmark"]) == 2
+    for name in BENCHMARKS:
+        with pytest.raises(SystemExit) as exit_:
+            main([name, "--help"])
+        assert exit_.value.code == 0
+        assert f"python -m benchmarks {name}" in capsys.readouterr().out
+
+
+def test_no_benchmark_imports_another_benchmarks_names():
+    """Helpers used by several benchmarks live in common.py; a benchmark imports nothing else of ours."""
+    for path in BENCHMARKS_DIR.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level > 0:
+                assert node.module == "common", (path.name, node.module)
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("benchmarks"):
+                raise AssertionError((path.name, node.module))
+
+
+def test_benchmarks_call_the_library_by_its_current_names():
+    """Every keyword given to a callback or to the Pruner is one of its parameters (the renames:
+    start_epoch, weight_bits, finalize, export), and a written file is read as ``callback.artifact``."""
+    import inspect
+
+    import lightning_compress
+    from lightning_compress.methods.pruning.pruner import Pruner
+
+    classes = {c.__name__: c for c in (lightning_compress.IterativePruning, lightning_compress.WeightSharing,
+                                       lightning_compress.TensorDecomposition,
+                                       lightning_compress.QuantizationAwareTraining, Pruner)}
+    called = set()
+    for path in BENCHMARKS_DIR.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute):
+                assert node.attr != "export_summary", path.name
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in classes:
+                called.add(node.func.id)
+                parameters = inspect.signature(classes[node.func.id]).parameters
+                for keyword in node.keywords:
+                    assert keyword.arg is None or keyword.arg in parameters, (path.name, node.func.id, keyword.arg)
+    assert called == set(classes)  # the check saw every one of them
+
+
+def test_results_write_atomically_and_old_files_still_load(tmp_path):
+    from benchmarks.common import RESULTS, machine, read_result, write_result
+
+    info = machine()
+    assert {"python", "torch", "onnxruntime", "cpu", "cpu_threads"} <= set(info)
+    path = write_result(tmp_path / "r.json", {"machine": info, "x": 1})
+    assert json.loads(path.read_text()) == {"machine": info, "x": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left behind
+    assert read_result(tmp_path / "missing.json") is None
+    for result in RESULTS.glob("*.json"):  # written before "machine" existed, some of them
+        assert isinstance(read_result(result.name), dict)
+
+
+def test_median_seconds_times_every_runner():
+    from benchmarks.common import median_seconds, model_latency
+
+    calls = {"a": 0, "b": 0}
+    seconds = median_seconds({k: (lambda k=k: calls.__setitem__(k, calls[k] + 1)) for k in calls}, repeats=5, warmup=2)
+    assert calls == {"a": 7, "b": 7} and set(seconds) == {"a", "b"}
+    assert model_latency(nn.Sequential(nn.Conv2d(3, 4, 3)), batch=1, repeats=3) > 0
 
 
 def test_frontier_table_comes_from_the_results_jsons(tmp_path):
-    from benchmarks import frontier
+    from benchmarks import report
 
-    rows = frontier.rows()
+    rows = report.frontier_rows()
     assert {r["technique"] for r in rows} == {"pruning", "deep compression", "decomposition", "quantization"}
     assert all(r["source"].endswith(".json") for r in rows)
-    table = frontier.table(rows)
+    table = report.frontier_table(rows)
     assert table.count("\n") == len(rows) + 1 and "<" not in table
-    frontier.plot(rows, tmp_path / "frontier.png")
+    report.frontier_plot(rows, tmp_path / "frontier.png")
     assert (tmp_path / "frontier.png").stat().st_size > 10_000
-    readme = frontier.README.read_text()
+    readme = report.README.read_text()
     assert table in readme  # the README shows what the JSONs hold
+
+
+def test_report_rewrites_only_between_the_markers():
+    from benchmarks import report
+
+    readme = report.README.read_text()
+    bodies = report.sections(list(report.SECTIONS), plots=False)
+    assert report.update_readme(readme, bodies) == readme  # what is there is what the JSONs give
+    text = "before\n<!-- frontier:start -->\nold\n<!-- frontier:end -->\nafter\n"
+    assert report.update_readme(text, {"frontier": "new"}) == text.replace("old", "new")
+    with pytest.raises(ValueError):
+        report.update_readme("no markers", {"recipes": "x"})
 
 
 def _recipe(name):
@@ -56,7 +145,8 @@ def _recipe(name):
 
 
 def test_recipe_scaling_keeps_each_schedule_in_proportion():
-    from benchmarks.recipes import BATCH_SIZE, TEST_IMAGES, TRAIN_IMAGES, VGG_WIDTH, scale_config
+    from benchmarks.common import BATCH_SIZE, TEST_IMAGES, TRAIN_IMAGES
+    from benchmarks.recipes import VGG_WIDTH, scale_config
 
     recipe = _recipe("vgg19_cifar10/deep_compression.yaml")
     original = copy.deepcopy(recipe)
@@ -91,27 +181,26 @@ def test_every_benchmarked_recipe_scales_to_a_valid_schedule():
 
 
 def test_peer_tucker_parameter_count_matches_the_factorized_model():
-    from benchmarks.decomposition_proxy import peer_energy_tucker
-    from benchmarks.recipes import _tucker_params
+    from benchmarks.common import peer_energy_tucker, tucker_params
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 24, 3), nn.ReLU(), nn.Conv2d(24, 8, 1))
-    predicted = _tucker_params(model, 0.7)
+    predicted = tucker_params(model, 0.7)
     peer_energy_tucker(model, 0.7)
     assert predicted == sum(p.numel() for p in model.parameters())
     assert predicted < 3 * 16 * 9 + 16 + 16 * 24 * 9 + 24 + 24 * 8 + 8
 
 
 def test_recipes_table_comes_from_the_results_json(tmp_path):
-    from benchmarks import recipes_report
+    from benchmarks import report
 
-    if not recipes_report.SOURCE.is_file():
+    if not report.RECIPES_SOURCE.is_file():
         pytest.skip("benchmarks/results/recipes_cpu.json not written yet")
-    data = recipes_report.load()
-    table = recipes_report.table(data)
+    data = report.read_result(report.RECIPES_SOURCE)
+    table = report.recipes_table(data)
     assert table.count("\n") == len(data["runs"]) + 1
-    assert table in recipes_report.README.read_text()  # the README shows what the JSON holds
-    recipes_report.frontier_plot(data, tmp_path / "frontier.png")
-    shown = recipes_report.layers_plot(data, tmp_path / "layers.png")
+    assert table in report.README.read_text()  # the README shows what the JSON holds
+    report.recipes_plot(data, tmp_path / "frontier.png")
+    shown = report.recipes_layers_plot(data, tmp_path / "layers.png")
     assert (tmp_path / "layers.png").stat().st_size > 10_000
     assert all(row["name"].startswith("vgg19/") and not row.get("peer") for row in shown)

@@ -1,16 +1,15 @@
 """QuantizationAwareTraining on the CPU: step time against fp32 and torch.ao FX QAT, accuracy on the
 proxy model, and ONNX Runtime int8 latency against fp32 and against ONNX Runtime's own quantize_static.
 
-    python -m benchmarks.quantization_proxy step_time     # vgg_proxy, fp32 vs ours vs torch.ao FX QAT
-    python -m benchmarks.quantization_proxy accuracy      # from checkpoints/proxy/baseline.ckpt
-    python -m benchmarks.quantization_proxy onnx_latency  # VGG19-BN and MobileNetV2, batch 1 and 32
+    python -m benchmarks quantization step-time     # vgg_proxy, fp32 vs ours vs torch.ao FX QAT
+    python -m benchmarks quantization accuracy      # from checkpoints/proxy/baseline.ckpt
+    python -m benchmarks quantization onnx-latency  # VGG19-BN and MobileNetV2, batch 1 and 32
 
 Each writes ``benchmarks/results/quantization_<name>.json``; ratios are within one run.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import statistics
@@ -26,26 +25,13 @@ from lightning_compress.methods.quantization import Format, calibrate, quantize_
 from lightning_compress.methods.quantization.export import export_onnx
 from lightning_compress.models import create_model
 
-from .pruning_proxy import StepTimer, _device
-from .proxy import CHECKPOINT, proxy_datamodule, proxy_module, proxy_trainer
-
-
-RESULTS = Path(__file__).parent / "results"
+from .common import (StepTimer, export_fp32, fx_qat, machine, median_seconds, ort_session, parser, proxy_baseline,
+                     proxy_datamodule, proxy_module, proxy_test, proxy_trainer, write_result)
 
 
 def _write(name: str, result: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_result(f"{name}.json", result)
     print(json.dumps(result, indent=2))
-
-
-def _fx_qat(model: torch.nn.Module) -> torch.nn.Module:
-    """The peer: torch.ao FX graph-mode QAT with the default x86 QAT qconfig."""
-    from torch.ao.quantization import get_default_qat_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import prepare_qat_fx
-
-    model.train()
-    return prepare_qat_fx(model, get_default_qat_qconfig_mapping("x86"), (torch.randn(2, 3, 32, 32),))
 
 
 def step_time(args) -> None:
@@ -59,7 +45,7 @@ def step_time(args) -> None:
             if name == "ours_qat_int8":
                 callbacks.append(QuantizationAwareTraining(weight_bits=8, activation_bits=8))
             if name == "torch_ao_fx_qat_int8":
-                module.model = _fx_qat(module.model)
+                module.model = fx_qat(module.model)
             trainer = proxy_trainer(1, callbacks, limit_train_batches=args.batches, limit_val_batches=0,
                                     enable_progress_bar=False)
             trainer.fit(module, datamodule=proxy_datamodule(args.data_dir))
@@ -67,27 +53,15 @@ def step_time(args) -> None:
             best[name] = min(best.get(name, float("inf")), mean)
             print(f"repeat {repeat} {name}: {mean * 1e3:.1f} ms/step", flush=True)
     _write("quantization_step_time", {
-        "model": "vgg_proxy", "device": _device(), "batch_size": 128, "steps_per_run": args.batches,
+        "model": "vgg_proxy", "machine": machine(), "batch_size": 128, "steps_per_run": args.batches,
         "repeats": args.repeats, "seconds_per_step": {k: round(v, 5) for k, v in best.items()},
         "ratio_vs_fp32": {k: round(v / best["fp32"], 3) for k, v in best.items()},
         "ours_vs_torch_ao": round(best["ours_qat_int8"] / best["torch_ao_fx_qat_int8"], 3),
     })
 
 
-def _ort_session(path: Path, threads: int, spinning: bool = True):
-    """``spinning=False`` for sessions that take turns with torch: ONNX Runtime's threads otherwise
-    busy-wait after each run and starve whatever runs next on the same cores."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    if not spinning:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def _ort_accuracy(path: Path, dm) -> float:
-    session = _ort_session(path, 2)
+    session = ort_session(path, 2)
     dm.setup("test")
     correct = total = 0
     for images, labels in dm.test_dataloader():
@@ -96,13 +70,6 @@ def _ort_accuracy(path: Path, dm) -> float:
         correct += int((torch.from_numpy(out).argmax(1) == labels).sum())
         total += len(labels)
     return correct / total
-
-
-def _export_fp32(model: torch.nn.Module, path: Path) -> None:
-    model = copy.deepcopy(model).float().eval().to(memory_format=torch.contiguous_format)
-    torch.onnx.export(model, (torch.randn(1, 3, 32, 32),), str(path), input_names=["input"],
-                      output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                      opset_version=17, dynamo=False)
 
 
 def _ort_static(fp32_path: Path, out: Path, batches: list[torch.Tensor]) -> None:
@@ -136,11 +103,9 @@ def _calibration_batches(dm, n: int) -> list[torch.Tensor]:
 
 
 def accuracy(args) -> None:
-    if not CHECKPOINT.is_file():
-        raise SystemExit(f"{CHECKPOINT} is missing: run `python -m benchmarks.proxy` first")
     dm = proxy_datamodule(args.data_dir)
-    baseline = proxy_module(weights=str(CHECKPOINT))
-    base_acc = proxy_trainer(1, enable_progress_bar=False).test(baseline, datamodule=dm, verbose=False)[0]["test/acc"]
+    baseline = proxy_baseline()
+    base_acc = proxy_test(baseline, dm)
     rows = []
     configs = {
         "ptq_int8": dict(weight_bits=8, activation_bits=8, mode="ptq"),
@@ -154,7 +119,7 @@ def accuracy(args) -> None:
         folder = Path(folder)
         calibration = _calibration_batches(proxy_datamodule(args.data_dir), args.calibration_batches)
         fp32_path, peer_path = folder / "fp32.onnx", folder / "peer.onnx"
-        _export_fp32(baseline.model, fp32_path)
+        export_fp32(baseline.model, fp32_path)
         _ort_static(fp32_path, peer_path, calibration)
         peer_acc = _ort_accuracy(peer_path, dm)
         rows.append({"config": "peer: onnxruntime quantize_static (PTQ, per-channel int8)", "test_acc": peer_acc,
@@ -162,7 +127,7 @@ def accuracy(args) -> None:
         print(json.dumps(rows[-1]), flush=True)
         for name, kwargs in configs.items():
             pl.seed_everything(0)
-            module = proxy_module(weights=str(CHECKPOINT), lr=args.lr)
+            module = proxy_baseline(lr=args.lr)
             exportable = kwargs.get("scheme", "affine") == "affine"
             path = folder / f"{name}.onnx"
             qat = QuantizationAwareTraining(calibration_batches=args.calibration_batches,
@@ -181,24 +146,8 @@ def accuracy(args) -> None:
                 row["fp32_onnx_bytes"] = fp32_path.stat().st_size
             rows.append(row)
             print(json.dumps(row), flush=True)
-    _write("quantization_accuracy", {"model": "vgg_proxy", "device": _device(), "baseline_test_acc": base_acc,
+    _write("quantization_accuracy", {"model": "vgg_proxy", "machine": machine(), "baseline_test_acc": base_acc,
                                      "lr": args.lr, "runs": rows})
-
-
-def _latencies(sessions: dict, batch: int, repeats: int) -> dict[str, float]:
-    """Median seconds per run of each session; the sessions take turns run by run, so drift in the
-    machine's speed (2 shared cores) hits them alike."""
-    x = torch.randn(batch, 3, 32, 32).numpy()
-    for session in sessions.values():
-        for _ in range(3):
-            session.run(None, {"input": x})
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(repeats):
-        for name, session in sessions.items():
-            start = time.perf_counter()
-            session.run(None, {"input": x})
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _op_counts(path: Path) -> dict[str, int]:
@@ -225,7 +174,7 @@ def onnx_latency(args) -> None:
             model = create_model(name).eval()
             calibration = [torch.randn(16, 3, 32, 32) for _ in range(4)]
             fp32, peer, ours = folder / f"{name}_fp32.onnx", folder / f"{name}_peer.onnx", folder / f"{name}_ours.onnx"
-            _export_fp32(model, fp32)
+            export_fp32(model, fp32)
             _ort_static(fp32, peer, calibration)
             quantized = copy.deepcopy(model)
             for layer in quantized.modules():
@@ -233,22 +182,26 @@ def onnx_latency(args) -> None:
                     quantize_layer(layer, Format(8, "symmetric"), Format(8, "affine"))
             calibrate(quantized, [(b, None) for b in calibration])
             export_onnx(quantized, ours, calibration)
-            sessions = {k: _ort_session(p, args.threads) for k, p in (("fp32", fp32), ("ort_quantize_static", peer), ("ours", ours))}
+            files = {"fp32": fp32, "ort_quantize_static": peer, "ours": ours}
+            sessions = {k: ort_session(p, args.threads) for k, p in files.items()}
             ops = {"ort_quantize_static": _op_counts(peer), "ours": _op_counts(ours)}
             for batch in (1, 32):
-                seconds = _latencies(sessions, batch, args.repeats if batch == 1 else max(5, args.repeats // 4))
+                x = torch.randn(batch, 3, 32, 32).numpy()
+                runners = {k: (lambda s=s: s.run(None, {"input": x})) for k, s in sessions.items()}
+                seconds = median_seconds(runners, args.repeats if batch == 1 else max(5, args.repeats // 4))
                 rows.append({"model": name, "batch": batch, "seconds": seconds, "int8_graph_ops": ops,
                              "speedup_vs_fp32": {k: seconds["fp32"] / v for k, v in seconds.items()},
                              "ours_vs_quantize_static": seconds["ort_quantize_static"] / seconds["ours"],
-                             "bytes": {k: p.stat().st_size for k, p in (("fp32", fp32), ("ort_quantize_static", peer), ("ours", ours))}})
+                             "bytes": {k: p.stat().st_size for k, p in files.items()}})
                 print(json.dumps(rows[-1]), flush=True)
-    _write("quantization_onnx_latency", {"device": _device(), "threads": args.threads, "repeats": args.repeats, "runs": rows})
+    _write("quantization_onnx_latency", {"machine": machine(), "threads": args.threads, "repeats": args.repeats,
+                                         "runs": rows})
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("step_time")
+def main(argv: list[str] | None = None) -> None:
+    ap = parser("quantization", __doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("step-time")
     s.add_argument("--data-dir", default=None)
     s.add_argument("--batches", type=int, default=30)
     s.add_argument("--repeats", type=int, default=2)
@@ -257,12 +210,12 @@ def main() -> None:
     a.add_argument("--epochs", type=int, default=3)
     a.add_argument("--lr", type=float, default=0.005)
     a.add_argument("--calibration-batches", type=int, default=16)
-    o = sub.add_parser("onnx_latency")
+    o = sub.add_parser("onnx-latency")
     o.add_argument("--models", nargs="+", default=["vgg19_bn", "mobilenet_v2"])
     o.add_argument("--threads", type=int, default=2)
     o.add_argument("--repeats", type=int, default=200)
-    args = parser.parse_args()
-    {"step_time": step_time, "accuracy": accuracy, "onnx_latency": onnx_latency}[args.command](args)
+    args = ap.parse_args(argv)
+    {"step-time": step_time, "accuracy": accuracy, "onnx-latency": onnx_latency}[args.command](args)
 
 
 if __name__ == "__main__":

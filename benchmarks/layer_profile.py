@@ -1,8 +1,8 @@
 """Per-layer training time of dense vs Tucker-factorized VGG19 blocks, at the ranks of a trained plan.
 
-    python -m benchmarks.decomposition_layer_profile PLAN_JSON BATCH STEPS
+    python -m benchmarks layer-profile PLAN_JSON BATCH STEPS
 
-``PLAN_JSON`` is the output of ``python -m benchmarks.decomposition_vgg19 train`` (its runs hold the
+``PLAN_JSON`` is the output of ``python -m benchmarks decomposition-vgg19 train`` (its runs hold the
 ranks chosen from trained weights for 30x and 15x). For each of the 16 convolutions, the block
 conv -> BatchNorm -> ReLU is timed (forward + backward, bf16 autocast and channels_last on a GPU,
 median of STEPS after 5 warm-ups) dense and factorized at those ranks, and at the ranks rounded up to
@@ -12,7 +12,6 @@ time: on a GPU every block costs about the same whatever its FLOPs, so extra sta
 """
 
 import json
-import sys
 import time
 
 import torch
@@ -21,12 +20,20 @@ from torch import nn
 from lightning_compress.methods.decomposition import apply_plan, plan_from_state
 from lightning_compress.models import create_model
 
+from .common import machine, parser
 
-def main() -> None:
+
+def main(argv: list[str] | None = None) -> None:
+    ap = parser("layer-profile", __doc__)
+    ap.add_argument("plan_json", help="a `decomposition-vgg19 train` results JSON (its 30x and 15x runs)")
+    ap.add_argument("batch", type=int)
+    ap.add_argument("steps", type=int, help="timed steps per block, after 5 warm-ups")
+    args = ap.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = True
-    plans = {r["target_compression"]: plan_from_state(r["layers"]) for r in json.load(open(sys.argv[1]))["runs"]}
-    batch, steps = int(sys.argv[2]), int(sys.argv[3])
+    with open(args.plan_json) as f:
+        plans = {r["target_compression"]: plan_from_state(r["layers"]) for r in json.load(f)["runs"]}
+    batch, steps = args.batch, args.steps
     model = create_model("vgg19_bn")
     shapes = {}
     hooks = [m.register_forward_hook(lambda m, i, o, n=n: shapes.__setitem__(n, tuple(i[0].shape[1:])))
@@ -81,6 +88,7 @@ def main() -> None:
         rows["model"].setdefault("dense_ms", timed(create_model("vgg19_bn"), (3, 32, 32)))
         rows["model"][label] = timed(m, (3, 32, 32))
         rows["model"][label + "_params"] = sum(p.numel() for p in m.parameters())
+    print("machine", json.dumps(machine()))
     for n, r in rows.items():
         print(n, json.dumps(r))
 

@@ -8,90 +8,38 @@ Three measurements, each written to ``benchmarks/results/pruning_<name>.json``:
   round-robin, ``--repeats`` times, and each keeps its fastest repeat (the least disturbed by the rest
   of the machine); ratios are against the dense run of the same process.
 * ``accuracy``: fine-tune the proxy baseline (``checkpoints/proxy/baseline.ckpt``, from
-  ``python -m benchmarks.proxy``) for the same epochs with the same optimizer under (a) ModelPruning,
+  ``python -m benchmarks proxy``) for the same epochs with the same optimizer under (a) ModelPruning,
   global L1, pruned at each epoch end along the cubic ramp, no lottery-ticket resets, and
   (b) IterativePruning, global AGP along the same ramp, with and without rehabilitation.
-* ``filter_latency``: CPU inference latency of a VGG19 whose filters were pruned 50% (physically
+* ``filter-latency``: CPU inference latency of a VGG19 whose filters were pruned 50% (physically
   removed) against the dense VGG19, batch 1 and 32, with the MAC reduction beside it.
 
-    python -m benchmarks.pruning_proxy overhead
-    python -m benchmarks.pruning_proxy accuracy --sparsity 0.9 0.98
-    python -m benchmarks.pruning_proxy filter_latency
+    python -m benchmarks pruning overhead
+    python -m benchmarks pruning accuracy --sparsity 0.9 0.98
+    python -m benchmarks pruning filter-latency
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import ModelPruning
-from torch import nn
 
 from lightning_compress import IterativePruning, compression_report
 from lightning_compress.methods.pruning.channels import find_channel_groups
 from lightning_compress.methods.pruning.pruner import Pruner
 from lightning_compress.models import create_model
 
-from .proxy import CHECKPOINT, proxy_datamodule, proxy_module, proxy_trainer
-
-RESULTS = Path(__file__).parent / "results"
-
-
-def _device() -> str:
-    return f"CPU, {torch.get_num_threads()} threads ({platform.machine()})"
+from .common import (StepTimer, machine, model_latency, model_pruning, parser, proxy_baseline, proxy_datamodule,
+                     proxy_module, proxy_test, proxy_trainer, sparsity, write_result)
 
 
 def _write(name: str, result: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"pruning_{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_result(f"pruning_{name}.json", result)
     print(json.dumps(result, indent=2))
-
-
-class StepTimer(pl.Callback):
-    """Wall time from the first hook of a training batch to the last (put it first in the list)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.times.append(time.perf_counter() - self._start)
-
-
-def cubic(step_fraction: float, final: float) -> float:
-    return final * (1.0 - (1.0 - min(1.0, step_fraction)) ** 3)
-
-
-def model_pruning(model: nn.Module, final: float, ramp_epochs: int) -> ModelPruning:
-    """Lightning's ModelPruning along the cubic ramp: at the end of epoch e the sparsity is s(e + 1).
-
-    torch.nn.utils.prune's ``amount`` is a fraction of the weights still unpruned, so each epoch's
-    amount is the share of the survivors that must go to reach the next point of the ramp.
-    """
-
-    def amount(epoch: int) -> float:
-        before = cubic(epoch / ramp_epochs, final)
-        after = cubic((epoch + 1) / ramp_epochs, final)
-        return max(0.0, (after - before) / (1.0 - before))
-
-    layers = [(m, "weight") for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    return ModelPruning(
-        "l1_unstructured",
-        parameters_to_prune=layers,
-        amount=amount,
-        use_global_unstructured=True,
-        use_lottery_ticket_hypothesis=False,
-        make_pruning_permanent=True,
-        verbose=0,
-    )
 
 
 def overhead(args) -> None:
@@ -122,7 +70,7 @@ def overhead(args) -> None:
             print(f"repeat {repeat} {name}: {mean * 1e3:.1f} ms/step")
     _write("overhead", {
         "benchmark": "pruning_overhead",
-        "model": "vgg_proxy", "device": _device(), "batch_size": 128, "steps_per_run": 2 * args.batches,
+        "model": "vgg_proxy", "machine": machine(), "batch_size": 128, "steps_per_run": 2 * args.batches,
         "repeats": args.repeats, "sparsity": 0.9, "mask_update_every_steps": 100,
         "seconds_per_step": {k: round(v, 5) for k, v in best.items()},
         "ratio_vs_dense": {k: round(v / best["dense"], 3) for k, v in best.items()},
@@ -130,14 +78,8 @@ def overhead(args) -> None:
     })
 
 
-def _sparsity(model: nn.Module) -> float:
-    weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    return 1 - sum(int(torch.count_nonzero(w)) for w in weights) / sum(w.numel() for w in weights)
-
-
 def accuracy(args) -> None:
-    if not CHECKPOINT.is_file():
-        raise SystemExit(f"{CHECKPOINT} is missing: run `python -m benchmarks.proxy` first")
+    proxy_baseline()  # fails early, before any training, when the checkpoint is missing
     ramp = args.epochs - args.final_epochs
     rows = []
     for seed, final in [(seed, final) for final in args.sparsity for seed in args.seeds]:
@@ -152,7 +94,7 @@ def accuracy(args) -> None:
         }
         for name, make in methods.items():
             pl.seed_everything(seed)
-            module = proxy_module(weights=str(CHECKPOINT), lr=args.lr)
+            module = proxy_baseline(lr=args.lr)
             trainer = proxy_trainer(args.epochs, make(module), enable_progress_bar=False, num_sanity_val_steps=0)
             start = time.perf_counter()
             dm = proxy_datamodule(args.data_dir)
@@ -160,34 +102,19 @@ def accuracy(args) -> None:
             seconds = time.perf_counter() - start
             test = trainer.test(module, datamodule=dm, verbose=False)[0]["test/acc"]
             rows.append({"method": name, "seed": seed, "target_sparsity": final,
-                         "sparsity": round(_sparsity(module.model), 4),
+                         "sparsity": round(sparsity(module.model), 4),
                          "test_acc": round(test, 4), "train_seconds": round(seconds, 1)})
             print(rows[-1])
-    baseline = proxy_module(weights=str(CHECKPOINT))
-    trainer = proxy_trainer(1, enable_progress_bar=False)
-    base_acc = trainer.test(baseline, datamodule=proxy_datamodule(args.data_dir), verbose=False)[0]["test/acc"]
+    base_acc = proxy_test(proxy_baseline(), proxy_datamodule(args.data_dir))
     for row in rows:
         row["delta_points"] = round(100 * (row["test_acc"] - base_acc), 2)
     _write(args.output, {
-        "benchmark": "pruning_accuracy", "model": "vgg_proxy", "device": _device(),
+        "benchmark": "pruning_accuracy", "model": "vgg_proxy", "machine": machine(),
         "baseline_test_acc": round(base_acc, 4), "epochs": args.epochs, "ramp_epochs": ramp, "lr": args.lr,
         "note": "same start weights, optimizer, schedule and epochs for every method; global magnitude ranking; "
                 "train_seconds are wall times on a shared machine, not a speed comparison (see pruning_overhead.json)",
         "results": rows,
     })
-
-
-def _latency(model: nn.Module, batch: int, repeats: int) -> float:
-    x = torch.randn(batch, 3, 32, 32)
-    with torch.inference_mode():
-        for _ in range(3):
-            model(x)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def filter_latency(args) -> None:
@@ -203,7 +130,7 @@ def filter_latency(args) -> None:
     slim.eval()
     macs_dense = compression_report(dense, (3, 32, 32)).macs
     macs_slim = compression_report(slim, (3, 32, 32)).macs
-    result = {"benchmark": "pruning_filter_latency", "model": "vgg19_bn", "device": _device(),
+    result = {"benchmark": "pruning_filter_latency", "model": "vgg19_bn", "machine": machine(),
               "filter_sparsity": args.filter_sparsity,
               "params": {"dense": sum(p.numel() for p in dense.parameters()),
                          "slim": sum(p.numel() for p in slim.parameters())},
@@ -213,16 +140,16 @@ def filter_latency(args) -> None:
         # interleaved so that both models see the same machine state
         d, s = [], []
         for _ in range(3):
-            d.append(_latency(dense, batch, args.repeats))
-            s.append(_latency(slim, batch, args.repeats))
+            d.append(model_latency(dense, batch, args.repeats))
+            s.append(model_latency(slim, batch, args.repeats))
         result["latency_s"][f"batch_{batch}"] = {"dense": round(min(d), 5), "slim": round(min(s), 5)}
         result["speedup"][f"batch_{batch}"] = round(min(d) / min(s), 2)
     _write("filter_latency", result)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="what", required=True)
+def main(argv: list[str] | None = None) -> None:
+    ap = parser("pruning", __doc__)
+    sub = ap.add_subparsers(dest="what", required=True)
     p = sub.add_parser("overhead")
     p.add_argument("--batches", type=int, default=100, help="training batches per epoch (2 epochs)")
     p.add_argument("--repeats", type=int, default=2)
@@ -233,13 +160,13 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--output", default="accuracy", help="results/pruning_<output>.json")
-    p = sub.add_parser("filter_latency")
+    p = sub.add_parser("filter-latency")
     p.add_argument("--filter-sparsity", type=float, default=0.5)
     p.add_argument("--repeats", type=int, default=10)
     for p in sub.choices.values():
         p.add_argument("--data-dir", default=None)
-    args = parser.parse_args()
-    {"overhead": overhead, "accuracy": accuracy, "filter_latency": filter_latency}[args.what](args)
+    args = ap.parse_args(argv)
+    {"overhead": overhead, "accuracy": accuracy, "filter-latency": filter_latency}[args.what](args)
 
 
 if __name__ == "__main__":

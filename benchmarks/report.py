@@ -1,22 +1,34 @@
-"""The README table and the plots of ``benchmarks/results/recipes_cpu.json`` (``python -m benchmarks.recipes``).
+"""Every generated table of the README and the plots beside them, from the results JSONs; no figure
+is typed in here.
 
-    python -m benchmarks.recipes report
+    python -m benchmarks report                   # every section
+    python -m benchmarks report recipes           # one section (frontier, recipes)
+    python -m benchmarks report --no-plots        # the README only
 
-Writes the markdown table between the ``recipes`` markers of the README,
-``benchmarks/results/recipes_frontier_cpu.png`` (VGG19: accuracy change against the file's compression
-ratio, one colour per technique, peers hollow) and ``benchmarks/results/recipes_layers_cpu.png``
-(per layer of the best VGG19 model and of the composed one: parameters kept, density, bits). No figure is typed in here.
+Each section is rewritten between its ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` markers:
+
+* ``frontier``: the CPU proxy runs of ``pruning_accuracy*.json``, ``deep_compression_proxy.json``,
+  ``decomposition_proxy.json`` and ``quantization_accuracy.json`` in one table, and
+  ``benchmarks/results/frontier_proxy.png`` (accuracy change against compression, one colour per
+  technique, peers hollow). Each technique compresses something different, so the table names what
+  its ratio counts: non-zero weights (pruning), parameters (decomposition), bits per weight
+  (quantization) or bytes of the file (Deep Compression).
+* ``recipes``: the table of ``recipes_cpu.json`` (``python -m benchmarks recipes``) and the issue's
+  targets against it; ``benchmarks/results/recipes_frontier_cpu.png`` (VGG19: accuracy change against
+  the file's compression ratio) and ``benchmarks/results/recipes_layers_cpu.png`` (per layer of the
+  best VGG19 model and of the composed one: parameters kept, density, bits).
 """
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
-SOURCE = RESULTS / "recipes_cpu.json"
-README = Path(__file__).parents[1] / "README.md"
-START, END = "<!-- recipes:start -->", "<!-- recipes:end -->"
+from .common import README, RESULTS, parser, read_result
+
+RECIPES_SOURCE = RESULTS / "recipes_cpu.json"
+SECTIONS = ("frontier", "recipes")  # the README markers this module owns
+BITS = {"int8": 8, "w4a8": 4, "fixed_point_w8a8": 8, "binary": 1}
 # "Best" VGG19 model for the per-layer plot: the smallest file within this many points of the baseline.
 BEST_WITHIN_POINTS = 1.0
 # Factorized layers report their stages (features.3.reduce, .core, ...); the plot groups them back.
@@ -28,11 +40,142 @@ COLOURS = {"baseline": "black", "pruning": "tab:blue", "quantization": "tab:oran
            "weight sharing": "tab:purple", "composed": "tab:red"}
 
 
-def load(path: Path = SOURCE) -> dict:
-    return json.loads(path.read_text())
+# ------------------------------------------------------------------------------------- the writer
 
 
-def technique(row: dict) -> str:
+def markers(name: str) -> tuple[str, str]:
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
+def update_readme(text: str, bodies: dict[str, str]) -> str:
+    """``text`` with each section's body between its markers (one newline either side of the body)."""
+    for name, body in bodies.items():
+        start, end = markers(name)
+        if start not in text or end not in text:
+            raise ValueError(f"the README has no {start} ... {end} markers")
+        text = text[: text.index(start)] + f"{start}\n{body}\n{end}" + text[text.index(end) + len(end):]
+    return text
+
+
+def sections(names: list[str], plots: bool) -> dict[str, str]:
+    """The body of each named section; with ``plots``, its PNGs are written too."""
+    out = {}
+    if "frontier" in names:
+        rows = frontier_rows()
+        out["frontier"] = frontier_table(rows)
+        if plots:
+            frontier_plot(rows, RESULTS / "frontier_proxy.png")
+    if "recipes" in names:
+        data = read_result(RECIPES_SOURCE)
+        if data is None:
+            print(f"{RECIPES_SOURCE.name} not written yet (python -m benchmarks recipes run): recipes skipped")
+        else:
+            out["recipes"] = f"{recipes_table(data)}\n\n{targets_table(data)}"
+            if plots:
+                recipes_plot(data, RESULTS / "recipes_frontier_cpu.png")
+                shown = recipes_layers_plot(data, RESULTS / "recipes_layers_cpu.png")
+                print("per-layer plot:", ", ".join(r["name"] for r in shown))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = parser("report", __doc__)
+    ap.add_argument("sections", nargs="*", metavar="SECTION", help=f"{' / '.join(SECTIONS)} (default: all)")
+    ap.add_argument("--no-plots", action="store_true", help="write the README tables only, not the PNGs")
+    args = ap.parse_args(argv)
+    unknown = set(args.sections) - set(SECTIONS)
+    if unknown:  # checked here: argparse rejects an empty list against `choices` on Python 3.11
+        ap.error(f"unknown section(s) {', '.join(sorted(unknown))}: choose from {', '.join(SECTIONS)}")
+    bodies = sections(args.sections or list(SECTIONS), plots=not args.no_plots)
+    README.write_text(update_readme(README.read_text(), bodies))
+    for body in bodies.values():
+        print(body, end="\n\n")
+
+
+# ----------------------------------------------------------------------------------- the frontier
+
+
+def frontier_rows() -> list[dict]:
+    """One row per proxy run of every technique, from the results JSONs present."""
+    out = []
+    for name in ("pruning_accuracy.json", "pruning_accuracy_seed1.json"):
+        data = read_result(name)
+        for r in (data or {}).get("results", []):
+            peer = r["method"] == "lightning_model_pruning"
+            out.append({"technique": "pruning", "config": f"{r['method']} {r['sparsity']:.0%} (seed {r['seed']})",
+                        "peer": peer, "ratio": 1 / (1 - r["sparsity"]), "counts": "non-zero weights",
+                        "delta": r["delta_points"], "source": name})
+    data = read_result("deep_compression_proxy.json")
+    for r in (data or {}).get("results", []):
+        out.append({"technique": "deep compression", "config": f"{r['sparsity']:.0%} + {data['bits']} bits ({r['centroid_gradient']})",
+                    "peer": False, "ratio": r["ratio_vs_fp32_state_dict"], "counts": "file bytes",
+                    "delta": r["delta_points"], "source": "deep_compression_proxy.json"})
+    data = read_result("decomposition_proxy.json")
+    for r in (data or {}).get("runs", []):
+        out.append({"technique": "decomposition", "config": r["method"], "peer": r["method"].startswith("peer"),
+                    "ratio": r["compression"], "counts": "parameters", "delta": r["delta_points"],
+                    "source": "decomposition_proxy.json"})
+    data = read_result("quantization_accuracy.json")
+    for r in (data or {}).get("runs", []):
+        config, peer = r["config"], r["config"].startswith("peer")
+        bits = 8 if peer else next((b for key, b in BITS.items() if key in config), 8)  # the peer is int8 PTQ
+        out.append({"technique": "quantization", "config": config, "peer": peer, "ratio": 32 / bits,
+                    "counts": "bits per weight", "delta": r["delta_points"], "source": "quantization_accuracy.json"})
+    return out
+
+
+def frontier_table(data: list[dict]) -> str:
+    lines = ["| technique | configuration | compression | counted as | accuracy change (points) | from |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in data:
+        config = r["config"].replace("<", "&lt;").replace(">", "&gt;")
+        lines.append(f"| {r['technique']} | {config}{' (peer)' if r['peer'] and 'peer' not in r['config'] else ''} "
+                     f"| {r['ratio']:.1f}x | {r['counts']} | {r['delta']:+.2f} | `{r['source']}` |")
+    return "\n".join(lines)
+
+
+def frontier_plot(data: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"pruning": "tab:blue", "deep compression": "tab:purple", "decomposition": "tab:green", "quantization": "tab:orange"}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for technique, colour in colours.items():
+        for peer in (False, True):
+            points = [r for r in data if r["technique"] == technique and r["peer"] == peer]
+            if points:
+                ax.scatter([r["ratio"] for r in points], [r["delta"] for r in points], s=40,
+                           facecolors="none" if peer else colour, edgecolors=colour,
+                           label=f"{technique}{' (peer)' if peer else ''}")
+    from matplotlib.ticker import FuncFormatter
+
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, _: f"{x:g}x" if x in (2, 3, 5, 20, 30, 50) else ""))
+    finish_ratio_plot(fig, ax, path, "compression (what is counted differs by technique; see the table)",
+                      "CPU proxy (quarter-width VGG11-BN, CIFAR-10 subset)")
+    plt.close(fig)
+
+
+def finish_ratio_plot(fig, ax, path: Path, xlabel: str, title: str) -> None:
+    """Axes of an accuracy-change-against-compression plot (log ratio, 'Nx' ticks, zero line); save it."""
+    from matplotlib.ticker import FuncFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}x"))
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy change (points)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# ------------------------------------------------------------------------------------ the recipes
+
+
+def _technique(row: dict) -> str:
     recipe = row["name"].split("/", 1)[1].split(" ")[0]
     return next(label for key, label in TECHNIQUES.items() if key in recipe)
 
@@ -47,7 +190,7 @@ def _bytes(n: int) -> str:
     return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
-def table(data: dict) -> str:
+def recipes_table(data: dict) -> str:
     lines = ["| model | recipe | test acc | change (points) | params | non-zeros | bits/weight | file | file bytes "
              "| vs fp32 state dict | MACs | CPU latency, batch 1 | train time |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -73,7 +216,7 @@ def _row(data: dict, name: str) -> dict | None:
     return next((r for r in data["runs"] if r["name"] == name), None)
 
 
-def targets(data: dict) -> str:
+def targets_table(data: dict) -> str:
     """The issue's VGG19 targets (stated for the full-scale GPU runs) against what this scale measured."""
     lines = ["| target (full scale) | measured here (CPU-proxy scale) | met here |", "| --- | --- | --- |"]
     base = _row(data, "vgg19/baseline")
@@ -110,19 +253,17 @@ def targets(data: dict) -> str:
     return "\n".join(lines)
 
 
-def frontier_plot(data: dict, path: Path) -> None:
+def recipes_plot(data: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .frontier import finish_ratio_plot
-
     rows = [r for r in data["runs"] if r["name"].startswith("vgg19/")]
     fig, ax = plt.subplots(figsize=(8, 5))
     seen, placed = set(), []
     for r in rows:
-        kind = technique(r)
+        kind = _technique(r)
         colour = COLOURS[kind]
         label = f"{kind}{' (peer)' if r.get('peer') else ''}"
         ax.scatter(r["ratio_vs_fp32_state_dict"], r["delta_points"], s=50, edgecolors=colour,
@@ -143,8 +284,6 @@ def frontier_plot(data: dict, path: Path) -> None:
 def best_vgg19(data: dict) -> dict:
     """The smallest VGG19 file (ours, not a peer) within ``BEST_WITHIN_POINTS`` of the baseline; failing
     that, the one with the least accuracy lost per doubling of the ratio."""
-    import math
-
     rows = [r for r in data["runs"] if r["name"].startswith("vgg19/") and not r.get("peer")
             and not r["name"].endswith("/baseline") and r.get("layers")]
     close = [r for r in rows if r["delta_points"] >= -BEST_WITHIN_POINTS]
@@ -175,7 +314,7 @@ def _ranks(group: dict) -> str:
     return "r=" + ",".join(str(s["shape"][0]) for s in stages[:-1])
 
 
-def layers_plot(data: dict, path: Path) -> list[dict]:
+def recipes_layers_plot(data: dict, path: Path) -> list[dict]:
     """Per layer, for the best VGG19 model (:func:`best_vgg19`) and the composed one (the recipe that
     sets ranks, sparsity and bits at once): parameters kept against the dense layer (Tucker / CP ranks
     written over the bar), fraction of weights non-zero, bits per weight."""
@@ -218,22 +357,6 @@ def layers_plot(data: dict, path: Path) -> list[dict]:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return chosen
-
-
-def update_readme(text: str, data: dict) -> str:
-    block = f"{START}\n{table(data)}\n\n{targets(data)}\n{END}"
-    if START not in text or END not in text:
-        raise ValueError(f"the README has no {START} ... {END} markers")
-    return text[: text.index(START)] + block + text[text.index(END) + len(END):]
-
-
-def main() -> None:
-    data = load()
-    frontier_plot(data, RESULTS / "recipes_frontier_cpu.png")
-    shown = layers_plot(data, RESULTS / "recipes_layers_cpu.png")
-    README.write_text(update_readme(README.read_text(), data))
-    print(table(data))
-    print("per-layer plot:", ", ".join(r["name"] for r in shown))
 
 
 if __name__ == "__main__":
