@@ -53,7 +53,7 @@ RESULTS_FILE = RESULTS / "recipes_cpu.json"
 WORK = ROOT / "checkpoints" / "recipes_cpu"
 
 FULL_TRAIN_IMAGES = 50_000
-BASELINE_EPOCHS = {"vgg19_bn": 15, "mobilenet_v2": 5, "shufflenet_v2_x1_0": 5, "squeezenet1_1": 5}
+BASELINE_EPOCHS = {"vgg19_bn": 15, "mobilenet_v2": 5, "shufflenet_v2_x1_0": 5, "squeezenet1_1": 5, "xception": 5}
 EPOCH_FRACTION = 0.2
 VGG_WIDTH = 0.25
 WARMUP = 10  # TorchScript optimizes a graph over its first runs
@@ -82,6 +82,9 @@ RUNS = [
     ("shufflenet_v2/qat_int8", "shufflenet_v2_cifar10/qat_int8.yaml", None),
     ("mobilenet_v2/baseline", "mobilenet_v2_cifar10/baseline.yaml", None),
     ("mobilenet_v2/qat_int8", "mobilenet_v2_cifar10/qat_int8.yaml", None),
+    ("xception/baseline", "xception_cifar10/baseline.yaml", None),
+    ("xception/qat_int8", "xception_cifar10/qat_int8.yaml", None),
+    ("xception/prune", "xception_cifar10/prune.yaml", None),
 ]
 
 

@@ -68,6 +68,8 @@ def test_vgg_proxy_every_conv_is_a_group_with_its_batchnorm():
     [
         ("mobilenet_v2", ["grouped/depthwise conv", "output feeds grouped/depthwise conv", "residual connection"]),
         ("shufflenet_v2_x1_0", ["grouped/depthwise conv", "used by 2 consumers", "concatenation"]),
+        ("xception", ["grouped/depthwise conv", "output feeds grouped/depthwise conv", "used by 2 consumers",
+                      "residual connection"]),
     ],
 )
 def test_residual_shuffle_and_depthwise_convs_are_unsupported(name, expected):

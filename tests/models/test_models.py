@@ -24,6 +24,7 @@ def test_every_registered_model_classifies_small_images(name):
         ("mobilenet_v2", 2_236_682),
         ("shufflenet_v2_x1_0", 1_263_854),
         ("squeezenet1_1", 727_626),
+        ("xception", 4_118_506),
     ],
 )
 def test_parameter_counts(name, params):
@@ -38,7 +39,7 @@ def test_vgg19_has_sixteen_convs_and_one_linear():
 
 @pytest.mark.parametrize(
     "name, final_hw",
-    [("mobilenet_v2", 4), ("shufflenet_v2_x1_0", 4), ("squeezenet1_1", 8)],
+    [("mobilenet_v2", 4), ("shufflenet_v2_x1_0", 4), ("squeezenet1_1", 8), ("xception", 4)],
 )
 def test_stems_adapted_to_32x32(name, final_hw):
     # ImageNet stems would leave 1x1 maps after the last stage; the CIFAR adaptation keeps more.
