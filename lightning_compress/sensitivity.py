@@ -27,6 +27,7 @@ from rich.table import Table
 from torch import nn
 
 from .cli import build_cli
+from .methods.atomic import write_atomic
 from .methods.pruning.sensitivity import DEFAULT_LEVELS, SensitivityResult, sensitivity_analysis
 from .module import load_weights
 
@@ -139,7 +140,7 @@ def _write_sparsity_yaml(path: Path, result: SensitivityResult, max_drop: float,
         f"# max_drop={max_drop} top-1 accuracy (baseline {result.baseline:.4f} on {batch_count} validation batches).\n"
         f"# Paste as the pruning callback's `sparsity:`; keys are layer names inside the module's `model`.\n"
     )
-    path.write_text(header + yaml.safe_dump(result.sparsity_for(max_drop), sort_keys=False))
+    write_atomic(path, header + yaml.safe_dump(result.sparsity_for(max_drop), sort_keys=False))
 
 
 def _float_list(text: str) -> list[float]:

@@ -16,6 +16,7 @@ from rich.table import Table
 from torch import nn
 from typing_extensions import override
 
+from ..methods.atomic import write_atomic
 from ..methods.decomposition import METHODS, Factorized, LayerDecision, apply_plan, parse_rank, plan_decomposition
 from ..methods.decomposition.plan import METRICS, accepts, plan_from_state, plan_to_state
 from ..methods.structure import restore_structure
@@ -264,7 +265,7 @@ class TensorDecomposition(CompressionCallback):
         if self.filename and trainer.logger is not None and trainer.log_dir:
             path = Path(trainer.log_dir) / self.filename
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"method": self.method, "layers": plan_to_state(self.plan)}, indent=2))
+            write_atomic(path, json.dumps({"method": self.method, "layers": plan_to_state(self.plan)}, indent=2))
 
     @property
     @override

@@ -32,6 +32,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from .atomic import write_atomic
+
 _WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _INDEX_BITS = {"Linear": 5}  # relative-index bits of sparse storage; convolutions: 8
 _DEFAULT_INDEX_BITS = 8
@@ -114,8 +116,7 @@ class CompressionSummary:
     def to_json(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2))
-        return path
+        return write_atomic(path, json.dumps(self.to_dict(), indent=2))
 
     def table(self, title: str = "Compression report"):
         """A ``rich.table.Table`` of the layers and the totals."""

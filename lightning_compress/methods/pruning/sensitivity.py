@@ -24,6 +24,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
+from ..atomic import write_atomic
+
 DEFAULT_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 PRUNABLE_TYPES = (nn.Conv2d, nn.Linear)
 
@@ -69,7 +71,7 @@ class SensitivityResult:
         return sparsity
 
     def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+        write_atomic(path, json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
     def from_json(cls, path: str | Path) -> SensitivityResult:
@@ -107,7 +109,9 @@ class SensitivityResult:
         axes.grid(alpha=0.3)
         # Deep networks have dozens of layers: a second legend column keeps the legend within the figure.
         axes.legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.0, 0.5), ncol=1 + len(self.curves) // 25)
-        figure.savefig(path, dpi=120)
+        # savefig on a file object takes the format from the argument, not from the name.
+        image_format = Path(path).suffix.lstrip(".") or None
+        write_atomic(path, lambda file: figure.savefig(file, format=image_format, dpi=120))
 
 
 def sensitivity_analysis(

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -93,35 +94,82 @@ class HuffmanStream:
         return b"".join((header, self.lengths.astype(np.uint8).tobytes(), block_lengths.tobytes(), self.bits.tobytes()))
 
     @classmethod
-    def from_bytes(cls, data: bytes | bytearray | memoryview) -> HuffmanStream:
-        """Parse :meth:`to_bytes`; a ``ValueError`` if the bytes are not a whole, consistent stream."""
+    def from_bytes(cls, data: bytes | bytearray | memoryview, max_count: int | None = None) -> HuffmanStream:
+        """Parse :meth:`to_bytes`; a ``ValueError`` if the bytes are not a whole, consistent stream.
+
+        Every allocation is bounded by ``len(data)`` except one: a stream of a single symbol stores
+        no bits, so its header's ``count`` (what :func:`huffman_decode` will allocate) is bounded by
+        nothing in the bytes. Pass ``max_count`` when the bytes are not trusted: a larger count is
+        refused before anything is allocated.
+        """
         data = memoryview(data).cast("B")
-        if len(data) < _STREAM_HEADER.size:
-            raise ValueError(f"Huffman stream truncated: {len(data)} bytes, shorter than its header")
-        magic, version, width, _, count, nbits, block_size, alphabet = _STREAM_HEADER.unpack_from(data)
-        if magic != _STREAM_MAGIC:
-            raise ValueError("not a Huffman stream (bad magic bytes)")
-        if version != _STREAM_VERSION:
-            raise ValueError(f"Huffman stream version {version} is not supported (this reader: {_STREAM_VERSION})")
-        if width not in (0, 2, 4, 8) or block_size < 1 or alphabet > MAX_ALPHABET:
-            raise ValueError("Huffman stream header is corrupted")
-        nblocks = -(-count // block_size)
+        header = read_stream_header(data)
+        if max_count is not None and header.count > max_count:
+            raise ValueError(f"Huffman stream declares {header.count} symbols, more than the {max_count} expected")
+        width, count, nbits, block_size, alphabet = header
+        nblocks = header.nblocks
         stored_lengths = max(nblocks - 1, 0) if width else 0
-        sizes = (alphabet, width * stored_lengths, -(-nbits // 8))
-        if len(data) != _STREAM_HEADER.size + sum(sizes):
-            raise ValueError(f"Huffman stream truncated or corrupted: {len(data)} bytes, header promises "
-                             f"{_STREAM_HEADER.size + sum(sizes)}")
         start = _STREAM_HEADER.size
-        lengths = np.frombuffer(data, np.uint8, sizes[0], start).copy()
-        start += sizes[0]
+        lengths = np.frombuffer(data, np.uint8, alphabet, start).copy()
+        start += alphabet
         block_lengths = np.frombuffer(data, f"<u{width or 1}", stored_lengths, start).astype(np.int64)
-        start += sizes[1]
-        bits = np.frombuffer(data, np.uint8, sizes[2], start).copy()
+        start += width * stored_lengths
+        bits = np.frombuffer(data, np.uint8, -(-nbits // 8), start).copy()
         offsets = np.zeros(nblocks, dtype=np.int64)
         np.cumsum(block_lengths, out=offsets[1:])
-        stream = cls(lengths, bits, int(count), int(nbits), int(block_size), offsets)
+        stream = cls(lengths, bits, count, nbits, block_size, offsets)
         _check_stream(stream)
+        if width != _block_length_width(stream):  # the writer derives it: any other value is not ours
+            raise ValueError(f"Huffman stream corrupted: block lengths stored in {width} bytes, "
+                             f"the layout implies {_block_length_width(stream)}")
         return stream
+
+
+class StreamHeader(NamedTuple):
+    """The fixed-size fields of a serialized stream (:func:`read_stream_header`)."""
+
+    width: int
+    count: int
+    nbits: int
+    block_size: int
+    alphabet: int
+
+    @property
+    def nblocks(self) -> int:
+        return -(-self.count // self.block_size)
+
+
+def read_stream_header(data: bytes | bytearray | memoryview) -> StreamHeader:
+    """The header of a serialized stream, checked against the length of ``data``; allocates nothing.
+
+    A reader that knows how many symbols to expect (the packed file does, from a tensor's shape)
+    checks ``count`` here before :meth:`HuffmanStream.from_bytes` sizes anything from it.
+    """
+    data = memoryview(data).cast("B")
+    if len(data) < _STREAM_HEADER.size:
+        raise ValueError(f"Huffman stream truncated: {len(data)} bytes, shorter than its header")
+    magic, version, width, _, count, nbits, block_size, alphabet = _STREAM_HEADER.unpack_from(data)
+    if magic != _STREAM_MAGIC:
+        raise ValueError("not a Huffman stream (bad magic bytes)")
+    if version != _STREAM_VERSION:
+        raise ValueError(f"Huffman stream version {version} is not supported (this reader: {_STREAM_VERSION})")
+    if width not in (0, 2, 4, 8) or block_size < 1 or alphabet > MAX_ALPHABET:
+        raise ValueError("Huffman stream header is corrupted")
+    header = StreamHeader(width, count, nbits, block_size, alphabet)
+    # Block offsets are stored whenever there are bits and several blocks; without them the decoder
+    # would need a stored offset per block that the bytes do not hold.
+    if width == 0 and nbits and header.nblocks > 1:
+        raise ValueError("Huffman stream header is corrupted: several blocks of bits but no block lengths")
+    stored_lengths = max(header.nblocks - 1, 0) if width else 0
+    expected = _STREAM_HEADER.size + alphabet + width * stored_lengths + -(-nbits // 8)
+    if len(data) != expected:
+        raise ValueError(f"Huffman stream truncated or corrupted: {len(data)} bytes, header promises {expected}")
+    return header
+
+
+def default_block_size(count: int) -> int:
+    """The block size :func:`huffman_encode` picks for ``count`` symbols: ``max(256, isqrt(count))``."""
+    return max(MIN_BLOCK_SIZE, math.isqrt(count))
 
 
 def huffman_encode(symbols: np.ndarray, block_size: int | None = None) -> HuffmanStream:
@@ -147,7 +195,7 @@ def huffman_encode(symbols: np.ndarray, block_size: int | None = None) -> Huffma
     symbols = _as_symbols(symbols)
     count = symbols.size
     if block_size is None:
-        block_size = max(MIN_BLOCK_SIZE, math.isqrt(count))
+        block_size = default_block_size(count)
     if not isinstance(block_size, (int, np.integer)) or block_size < 1:
         raise ValueError(f"block_size={block_size!r} must be a positive integer")
     nblocks = -(-count // block_size)
@@ -250,7 +298,7 @@ def huffman_nbytes(frequencies: np.ndarray, block_size: int | None = None) -> in
     frequencies = np.asarray(frequencies, dtype=np.int64)
     count = int(frequencies.sum())
     if block_size is None:
-        block_size = max(MIN_BLOCK_SIZE, math.isqrt(count))
+        block_size = default_block_size(count)
     lengths = code_lengths(frequencies)
     alphabet = int(np.flatnonzero(frequencies)[-1]) + 1 if count else 0
     if np.count_nonzero(lengths) <= 1:
@@ -296,6 +344,9 @@ def _check_stream(stream: HuffmanStream) -> None:
         raise ValueError(f"Huffman stream corrupted: a code longer than {MAX_CODE_LENGTH} bits")
     if used > 1 and np.sum(np.ldexp(1.0, -lengths[lengths > 0].astype(np.int64))) > 1.0:
         raise ValueError("Huffman stream corrupted: the code lengths violate the Kraft inequality")
+    if used > 1 and not stream.count <= stream.nbits <= stream.count * int(lengths.max()):
+        # Every code is 1 to max-length bits: this bounds a stream's count by its size in bytes.
+        raise ValueError(f"Huffman stream corrupted: {stream.nbits} bits cannot hold {stream.count} symbols")
     if stream.offsets.size != nblocks or stream.nbits > 8 * stream.bits.size:
         raise ValueError("Huffman stream corrupted: block offsets or bit count inconsistent")
     if nblocks and (stream.offsets[0] != 0 or np.any(np.diff(stream.offsets) < 0) or stream.offsets[-1] > stream.nbits):

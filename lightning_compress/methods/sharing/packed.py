@@ -5,8 +5,9 @@ Han et al. 2016, and :func:`load_compressed` reads it back bit-exactly. It works
 alone, so it packs any model however its weights got their zeros and shared values: each Conv1d/2d/3d
 or Linear weight is stored in the cheapest of four encodings (relative indices, codebooks, Huffman
 coding; :mod:`.tensor_codecs`), every other tensor as its dtype and shape, all in one checked file
-(:mod:`.container`). The returned :class:`.summary.PackedSummary` sets the file's size beside Deep
-Compression's stage-by-stage sizes.
+(:mod:`.container`). Loading is safe on a file from anyone: every size the file declares is checked
+before it is used (:mod:`.validation`). The returned :class:`.summary.PackedSummary` sets the file's
+size beside Deep Compression's stage-by-stage sizes.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from torch import nn
 
 from .container import HEADER, corrupted, read_packed, write_packed
 from .summary import PackedLayer, PackedSummary
-from .tensor_codecs import bit_view, decode_tensor, dtype_name, encode_other, encode_weight, shape_of
+from .tensor_codecs import PartError, bit_view, decode_tensor, dtype_name, encode_other, encode_weight
+from .validation import CheckedTensor, check_manifest, decoded_budget, invalid
 
 INDEX_BITS = MappingProxyType({"conv": 8, "linear": 5})
 """Deep Compression's relative-index bits: 8 for convolutions, 5 for fully connected layers."""
@@ -159,17 +161,27 @@ def _plain_tensor(name: str, tensor: Any) -> torch.Tensor:
     return tensor.detach().cpu().resolve_conj().resolve_neg()
 
 
-def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+def load_compressed(
+    path: str | os.PathLike, model: nn.Module | None = None, max_decoded_bytes: int | None = None
+) -> dict[str, torch.Tensor]:
     """Read a packed file back into a state dict (contiguous CPU tensors, bit-exact).
+
+    Safe on a file from anyone: nothing is unpickled, and every count, shape, offset and length the
+    file declares is checked against the format and the file's size before anything is allocated
+    (:mod:`.validation`), so what loading allocates is bounded by ``max_decoded_bytes``.
 
     Args:
         path: a file written by :func:`save_compressed`.
-        model: when given, also ``model.load_state_dict(state, strict=True)`` (so mismatched keys or
-            shapes raise PyTorch's error).
+        model: when given, also load the state into it (``strict=True``); a model of another
+            architecture is refused first with one error listing what differs.
+        max_decoded_bytes: the most bytes the file's tensors may decode to. Default
+            :func:`.validation.decoded_budget`: 4096 times the file's size, at least 64 MiB.
 
     Raises:
-        ValueError: the file is not a packed file, was written by an unknown format version, or is
-            truncated or corrupted (checked with SHA-256 before anything is decoded).
+        ValueError: the file is not a packed file, was written by an unknown format version, is
+            truncated or corrupted (checked with SHA-256 before anything is decoded), declares
+            something the format does not allow (the message names the tensor and the field), or
+            does not fit ``model``.
 
     Example:
         >>> import tempfile
@@ -183,20 +195,73 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> 
         True
     """
     path = Path(path)
-    manifest, payload = read_packed(path)
-    state: dict[str, torch.Tensor] = {}
-    try:
-        weight_bits: dict[str, np.ndarray] = {}  # decoded weights, for the masks derived from them
-        for meta in manifest["tensors"]:
-            # A derived mask waits for its weight; the placeholder keeps the file's key order.
-            derived = meta["encoding"] == "nonzero_of"
-            state[meta["name"]] = None if derived else decode_tensor(meta, payload, weight_bits)
-        for meta in manifest["tensors"]:
-            if meta["encoding"] == "nonzero_of":
-                state[meta["name"]] = torch.from_numpy(weight_bits[meta["source"]] != 0).reshape(shape_of(meta))
-    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
-        # The checksums passed, so this is a file built to look valid, or one from a buggy writer.
-        raise corrupted(path, f"cannot decode it: {error!r}") from error
+    manifest, payload, file_bytes = read_packed(path)
+    budget = decoded_budget(file_bytes) if max_decoded_bytes is None else int(max_decoded_bytes)
+    entries = check_manifest(path, manifest, payload, budget)
+    state: dict[str, torch.Tensor | None] = {}
+    weight_bits: dict[str, np.ndarray] = {}  # decoded weights, for the masks derived from them
+    for entry in entries:
+        # A derived mask waits for its weight; the placeholder keeps the file's key order.
+        derived = entry.meta["encoding"] == "nonzero_of"
+        state[entry.name] = None if derived else _decode(path, entry, weight_bits)
+    for entry in entries:
+        if entry.meta["encoding"] == "nonzero_of":
+            state[entry.name] = torch.from_numpy(weight_bits[entry.meta["source"]] != 0).reshape(entry.shape)
     if model is not None:
-        model.load_state_dict(state, strict=True)
+        _load_into(path, state, model)
     return state
+
+
+def _load_into(path: Path, state: dict[str, torch.Tensor], model: nn.Module) -> None:
+    """``model.load_state_dict(state, strict=True)``, with one short error for another architecture."""
+    # A load pre-hook may rebuild the model's structure from the state (restore_structure_on_load):
+    # such a model can only be compared once torch's attempt has run the hook.
+    hooked = any(module._load_state_dict_pre_hooks for module in model.modules())
+    mismatch = None if hooked else _mismatch(path, state, model)
+    if mismatch is not None:  # before anything is copied, so the model is left as it was
+        raise mismatch
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        mismatch = _mismatch(path, state, model)
+        if mismatch is None:
+            raise
+        raise mismatch from error
+
+
+def _mismatch(path: Path, state: dict[str, torch.Tensor], model: nn.Module, shown: int = 5) -> ValueError | None:
+    """What the file holds that the model lacks, and the reverse, and the shapes that differ."""
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    extra = [key for key in state if key not in expected]
+    shapes = [
+        f"{key!r}: file {tuple(state[key].shape)}, model {tuple(expected[key].shape)}"
+        for key in state if key in expected and state[key].shape != expected[key].shape
+    ]
+    if not (missing or extra or shapes):
+        return None
+
+    def first(items: list[str], quote: bool = True) -> str:
+        listed = (", " if quote else "; ").join(repr(item) if quote else item for item in items[:shown])
+        return listed + (f" and {len(items) - shown} more" if len(items) > shown else "")
+
+    lines = [f"{path} does not fit this {type(model).__name__}: the file holds {len(state)} tensors, "
+             f"the model's state has {len(expected)}"]
+    if extra:
+        lines.append(f"in the file, not in the model ({len(extra)}): {first(extra)}")
+    if missing:
+        lines.append(f"in the model, not in the file ({len(missing)}): {first(missing)}")
+    if shapes:
+        lines.append(f"shapes that differ ({len(shapes)}): {first(shapes, quote=False)}")
+    return ValueError("\n  ".join(lines))
+
+
+def _decode(path: Path, entry: CheckedTensor, weight_bits: dict[str, np.ndarray]) -> torch.Tensor:
+    try:
+        return decode_tensor(entry, weight_bits)
+    except PartError as error:  # the bits themselves: a stream that does not end where it says
+        raise invalid(path, entry.name, f"parts.{error.part}", error.detail) from None
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
+        # Every field was checked, so this is a gap in the checks rather than in the file: still a
+        # ValueError naming the file, as the checks would have raised.
+        raise corrupted(path, f"cannot decode tensor {entry.name!r}: {error!r}") from error

@@ -88,13 +88,16 @@ def absolute_positions(
         >>> absolute_positions(np.array([0, 2, 7, 1], dtype=np.uint8)).tolist()
         [0, 3, 11, 13]
     """
-    gaps = np.asarray(gaps)
-    positions = np.cumsum(gaps, dtype=np.int64) + np.arange(1, gaps.size + 1, dtype=np.int64) - 1
+    # In place: one int64 per entry at the peak (the loader's largest temporary for a sparse layer).
+    positions = np.asarray(gaps).astype(np.int64).reshape(-1)
+    positions += 1  # an entry advances its gap plus its own position
+    np.cumsum(positions, out=positions)
+    positions -= 1
     if numel is not None and positions.size and positions[-1] >= numel:
         raise ValueError(f"the gap stream reaches position {int(positions[-1])}, beyond numel={numel}")
     if is_filler is not None:
         is_filler = np.asarray(is_filler, dtype=bool)
         if is_filler.shape != positions.shape:
-            raise ValueError(f"is_filler has {is_filler.size} flags for {gaps.size} gaps")
+            raise ValueError(f"is_filler has {is_filler.size} flags for {positions.size} gaps")
         positions = positions[~is_filler]
     return positions

@@ -21,15 +21,15 @@ packed 8 per byte (``bits``); every other tensor (biases, BatchNorm statistics,
 "Zero" means the all-zero bit pattern (+0.0): a -0.0 is a value like any other, so that the round
 trip is bit-exact. Codebooks and raw values keep the weight's dtype, as its bit patterns. A Huffman
 part is :meth:`.huffman.HuffmanStream.to_bytes`; a codebook, raw values or a raw tensor is its
-little-endian bytes. :func:`decode_tensor` reverses every encoding from a tensor's manifest entry.
+little-endian bytes. :func:`decode_tensor` reverses every encoding from a tensor's manifest entry, once
+:mod:`.validation` has checked it.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,10 +38,13 @@ from .huffman import HuffmanStream, huffman_decode, huffman_encode, huffman_nbyt
 from .relative_index import absolute_positions, relative_indices
 from .summary import PackedLayer, stage_bytes
 
+if TYPE_CHECKING:
+    from .validation import CheckedTensor
+
 MAX_CODEBOOK = 1 << 16
 """A layer with more distinct non-zero values than this stores them raw instead of in a codebook."""
 
-_DTYPES = {
+DTYPES = {
     str(dtype).removeprefix("torch."): dtype
     for dtype in (
         torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.complex64, torch.complex128,
@@ -50,6 +53,8 @@ _DTYPES = {
           if hasattr(torch, name)),
     )
 }
+"""The dtypes a packed file stores, by the name its manifest gives them."""
+
 # Same-sized integer dtypes to handle a floating tensor as its bit patterns (numpy has no bfloat16).
 _BIT_VIEWS = {
     1: (torch.int8, np.int8), 2: (torch.int16, np.int16), 4: (torch.int32, np.int32), 8: (torch.int64, np.int64)
@@ -61,7 +66,7 @@ if sys.byteorder != "little":  # the payload is little-endian and written by vie
 
 def dtype_name(name: str, dtype: torch.dtype) -> str:
     text = str(dtype).removeprefix("torch.")
-    if _DTYPES.get(text) != dtype:
+    if DTYPES.get(text) != dtype:
         raise TypeError(f"state entry {name!r} has dtype {dtype}, which the packed format does not store")
     return text
 
@@ -187,58 +192,64 @@ def encode_other(
     return {"encoding": "raw"}, {"data": tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()}
 
 
-def shape_of(meta: Mapping[str, Any]) -> tuple[int, ...]:
-    return tuple(int(size) for size in meta["shape"])
+class PartError(ValueError):
+    """A part whose content (not its size: :mod:`.validation` checked that) does not decode."""
+
+    def __init__(self, part: str, detail: str) -> None:
+        super().__init__(f"parts.{part}: {detail}")
+        self.part, self.detail = part, detail
 
 
-def decode_tensor(meta: Mapping[str, Any], payload: memoryview, weight_bits: dict[str, np.ndarray]) -> torch.Tensor:
-    """One tensor from its manifest entry; a weight's bit patterns are also left in ``weight_bits``."""
-    name, encoding, dtype, shape = meta["name"], meta["encoding"], _DTYPES[meta["dtype"]], shape_of(meta)
-    parts = {part: payload[offset : offset + length] for part, (offset, length) in meta["parts"].items()}
+def decode_tensor(entry: CheckedTensor, weight_bits: dict[str, np.ndarray]) -> torch.Tensor:
+    """One tensor from its checked manifest entry (:func:`.validation.check_manifest`: every size
+    below was held to the entry's shape there); a weight's bit patterns are also left in ``weight_bits``.
+    """
+    meta, parts, dtype, shape = entry.meta, entry.parts, entry.dtype, entry.shape
+    encoding = meta["encoding"]
     if encoding == "bits":
-        flags = np.unpackbits(np.frombuffer(parts["data"], np.uint8), count=math.prod(shape))
+        flags = np.unpackbits(np.frombuffer(parts["data"], np.uint8), count=entry.numel)
         return torch.from_numpy(flags.astype(bool)).reshape(shape)
     if encoding == "raw":
         data = np.frombuffer(parts["data"], np.uint8).copy()
         # torch cannot reinterpret an empty byte tensor as a wider dtype (its stride is 0)
         raw = torch.from_numpy(data).view(dtype).reshape(shape) if data.size else torch.empty(shape, dtype=dtype)
         if "kind" in meta:
-            weight_bits[name] = bit_view(raw)
+            weight_bits[entry.name] = bit_view(raw)
         return raw
-    bits = _decode_weight(meta, parts, dtype, math.prod(shape))
-    weight_bits[name] = bits
+    bits = _decode_weight(entry)
+    weight_bits[entry.name] = bits
     return torch.from_numpy(bits).view(dtype).reshape(shape)
 
 
-def _decode_weight(
-    meta: Mapping[str, Any], parts: Mapping[str, memoryview], dtype: torch.dtype, numel: int
-) -> np.ndarray:
+def _decode_weight(entry: CheckedTensor) -> np.ndarray:
     """The weight's bit patterns (flattened) from one of the codebook / sparse encodings."""
-    _, int_type = _BIT_VIEWS[torch.empty(0, dtype=dtype).element_size()]
+    _, int_type = _BIT_VIEWS[torch.empty(0, dtype=entry.dtype).element_size()]
     little = np.dtype(int_type).newbyteorder("<")
-    encoding = meta["encoding"]
+    encoding, parts, numel = entry.meta["encoding"], entry.parts, entry.numel
     if encoding in ("sparse_codebook", "dense_codebook"):
         codebook = np.frombuffer(parts["codebook"], little)
-        if codebook.size != meta["codebook_size"]:
-            raise ValueError(f"codebook of {codebook.size} values, the manifest says {meta['codebook_size']}")
         table = np.concatenate([np.zeros(1, int_type), codebook])  # code 0: zero (and the filler)
-        codes = huffman_decode(HuffmanStream.from_bytes(parts["codes"]))
-        if codes.size and int(codes.max()) > codebook.size:
-            raise ValueError("a code beyond the codebook")
+        # No code is past the table: the stream's alphabet was held to codebook_size + 1.
+        codes = _symbols(entry, "codes")
         if encoding == "dense_codebook":
-            if codes.size != numel:
-                raise ValueError(f"{codes.size} codes for {numel} weights")
             return table[codes]
-        gaps = huffman_decode(HuffmanStream.from_bytes(parts["gaps"]))
+        gaps = _symbols(entry, "gaps")
         entry_values = table[codes]
-    elif encoding == "sparse_raw":
-        gaps = huffman_decode(HuffmanStream.from_bytes(parts["gaps"]))
+    else:  # sparse_raw
+        gaps = _symbols(entry, "gaps")
         entry_values = np.frombuffer(parts["values"], little)
-    else:
-        raise ValueError(f"unknown encoding {encoding!r}")
-    if entry_values.size != gaps.size:
-        raise ValueError(f"{gaps.size} gaps but {entry_values.size} values")
+    try:
+        positions = absolute_positions(gaps, numel=numel)
+    except ValueError as error:
+        raise PartError("gaps", str(error)) from None
     bits = np.zeros(numel, dtype=int_type)
     # Fillers write their zero on a position that holds zero anyway, so they need no special case.
-    bits[absolute_positions(gaps, numel=numel)] = entry_values
+    bits[positions] = entry_values
     return bits
+
+
+def _symbols(entry: CheckedTensor, part: str) -> np.ndarray:
+    try:
+        return huffman_decode(entry.streams[part])
+    except ValueError as error:
+        raise PartError(part, str(error)) from None
