@@ -7,9 +7,9 @@ with top-1 accuracy on the first validation batches. Into ``--output_dir`` go ``
 at most ``--max_drop`` accuracy each, to paste as a pruning callback's ``sparsity:``).
 
 Example:
-    lightning-compress fit --config recipes/quickstart.yaml
-    lightning-compress-sensitivity --config recipes/quickstart.yaml \\
-        --ckpt_path checkpoints/quickstart/best.ckpt --max_drop 0.01 --data.init_args.batch_size=128
+    lightning-compress fit --config recipes/digits/baseline.yaml
+    lightning-compress-sensitivity --config recipes/digits/baseline.yaml \\
+        --ckpt_path checkpoints/digits_baseline/best.ckpt --max_drop 0.01 --data.init_args.batch_size=128
 """
 
 from __future__ import annotations
@@ -62,13 +62,13 @@ def run_sensitivity(
 
     Example (from the repository's root; with a trained ``ckpt_path`` the sparsities mean something):
         >>> import tempfile
-        >>> result = run_sensitivity(["recipes/quickstart.yaml"], None, tempfile.mkdtemp(), levels=[0.5, 0.9],
+        >>> result = run_sensitivity(["recipes/digits/baseline.yaml"], None, tempfile.mkdtemp(), levels=[0.5, 0.9],
         ...                          val_batches=2)
         >>> sorted(result.sparsity_for(0.02))
         ['classifier', 'features.0', 'features.3', 'features.7']
     """
     if not config_paths:
-        raise ValueError("config_paths=[] is empty; give at least one recipe, e.g. ['recipes/quickstart.yaml']")
+        raise ValueError("config_paths=[] is empty; give at least one recipe, e.g. ['recipes/digits/baseline.yaml']")
     if not max_drop >= 0:
         raise ValueError(f"max_drop={max_drop} must be >= 0 (accuracy a layer may lose, e.g. 0.01)")
     if val_batches is not None and val_batches < 1:

@@ -67,9 +67,22 @@ def test_cli_offers_fit_validate_test_only():
 
 def test_test_subcommand_from_checkpoint(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    quickstart = str(ROOT / "recipes" / "quickstart.yaml")
-    build_cli(["fit", "--config", quickstart, "--trainer.max_epochs=1"])
-    ckpt = tmp_path / "checkpoints" / "quickstart" / "last.ckpt"
+    baseline = str(ROOT / "recipes" / "digits" / "baseline.yaml")
+    build_cli(["fit", "--config", baseline, "--trainer.max_epochs=1"])
+    ckpt = tmp_path / "checkpoints" / "digits_baseline" / "last.ckpt"
     assert ckpt.is_file()
-    cli = build_cli(["test", "--config", quickstart, f"--ckpt_path={ckpt}"])
+    cli = build_cli(["test", "--config", baseline, f"--ckpt_path={ckpt}"])
     assert cli.trainer.callback_metrics["test/acc"] > 0.5
+
+
+def test_the_quickstart_compresses_and_says_what_it_cost(tmp_path):
+    """The README's first command: a baseline, then pruning and sharing into a packed file, in one fit."""
+    from lightning_compress import CompressionReport
+
+    cli = build_cli(["fit", "--config", str(ROOT / "recipes" / "quickstart.yaml"),
+                     f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
+    report = next(c for c in cli.trainer.callbacks if isinstance(c, CompressionReport))
+    extra = report.summary.extra
+    packed = tmp_path / "lightning_logs" / "version_0" / "model.lcpk"  # under the run's directory
+    assert list(extra["artifacts"]) == [str(packed)] and extra["ratio"] > 10
+    assert report.metric_before > 0.95 and report.metric_after > report.metric_before - 0.03

@@ -14,12 +14,12 @@ from lightning_compress.module import load_weights
 from lightning_compress.sensitivity import main, run_sensitivity
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = str(ROOT / "recipes" / "quickstart.yaml")
+BASELINE = str(ROOT / "recipes" / "digits" / "baseline.yaml")
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    """A quickstart checkpoint after a few training steps (the recipe writes under ./checkpoints)."""
+    """A digits baseline checkpoint after a few training steps (the recipe writes under ./checkpoints)."""
     folder = tmp_path_factory.mktemp("fit")
     with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings():
         patch.chdir(folder)
@@ -29,7 +29,7 @@ def checkpoint(tmp_path_factory) -> Path:
             [
                 "fit",
                 "--config",
-                QUICKSTART,
+                BASELINE,
                 "--trainer.max_epochs=1",
                 "--trainer.limit_train_batches=3",
                 "--trainer.limit_val_batches=1",
@@ -37,7 +37,7 @@ def checkpoint(tmp_path_factory) -> Path:
                 "--trainer.logger=false",
             ]
         )
-    path = folder / "checkpoints" / "quickstart" / "last.ckpt"
+    path = folder / "checkpoints" / "digits_baseline" / "last.ckpt"
     assert path.is_file()
     return path
 
@@ -55,7 +55,7 @@ def test_main_writes_curves_plot_and_sparsity_yaml(checkpoint, tmp_path, monkeyp
     main(
         [
             "--config",
-            QUICKSTART,
+            BASELINE,
             "--ckpt_path",
             str(checkpoint),
             "--levels",
@@ -88,7 +88,7 @@ def test_main_writes_curves_plot_and_sparsity_yaml(checkpoint, tmp_path, monkeyp
 def test_untrained_model_with_targets(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = run_sensitivity(
-        [QUICKSTART],
+        [BASELINE],
         ckpt_path=None,
         output_dir="out",
         levels=[0.5],
@@ -110,15 +110,15 @@ def test_untrained_model_with_targets(tmp_path, monkeypatch):
 )
 def test_run_sensitivity_checks_arguments_before_building(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        run_sensitivity(**{"config_paths": [QUICKSTART], **kwargs})
+        run_sensitivity(**{"config_paths": [BASELINE], **kwargs})
 
 
 @pytest.mark.parametrize(
     "argv",
     [
         [],  # --config is required
-        ["--config", QUICKSTART, "--levels", "0.5,half"],
-        ["--config", QUICKSTART, "fit"],  # a subcommand is no override
+        ["--config", BASELINE, "--levels", "0.5,half"],
+        ["--config", BASELINE, "fit"],  # a subcommand is no override
     ],
 )
 def test_main_rejects_bad_command_lines(argv):

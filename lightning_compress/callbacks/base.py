@@ -4,12 +4,14 @@ key per instance, and the hook that rebuilds a checkpoint's compressed structure
 from __future__ import annotations
 
 import weakref
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from rich.console import Console
 from torch import nn
 from typing_extensions import override
 
@@ -105,6 +107,16 @@ class CompressionCallback(Callback):
             if name in state_dict:
                 setattr(self, name, convert(state_dict[name]))
 
+    def _before_change(self, trainer: pl.Trainer | None, pl_module: pl.LightningModule) -> None:
+        """Right before this callback first changes what the model computes: a CompressionReport in
+        the Trainer measures the model as it is (once a fit, whichever callback comes first)."""
+        if trainer is None:
+            return
+        for callback in trainer.callbacks:
+            measure = getattr(callback, "measure_before", None)
+            if measure is not None:
+                measure(trainer, pl_module)
+
     def _setup_done(self, pl_module: pl.LightningModule) -> None:
         """The end of ``setup``: the layers as they are now are the ones a checkpoint may replace."""
         hook = _HOOKS.get(pl_module)
@@ -126,6 +138,18 @@ def artifact_path(trainer: pl.Trainer, path: str | None) -> Path | None:
         return None
     path = Path(path).expanduser()
     return path if path.is_absolute() else Path(trainer.log_dir or trainer.default_root_dir) / path
+
+
+@contextmanager
+def working(message: str) -> Iterator[None]:
+    """A spinner with ``message`` for a long step outside the training loop (an export, a file being
+    packed), on a terminal only: in a log it would be a line of noise."""
+    console = Console()
+    if not console.is_terminal:
+        yield
+        return
+    with console.status(message):
+        yield
 
 
 def compression_callbacks(trainer: pl.Trainer | None) -> list[CompressionCallback]:

@@ -140,6 +140,7 @@ class TensorDecomposition(CompressionCallback):
             self._claim(trainer, root, self._resolve(root), accept=accepts(self.method))
             max_epochs = trainer.max_epochs if trainer is not None else None
             if stage == "fit" and self.start_epoch == 0:
+                self._before_change(trainer, pl_module)
                 self.decompose(trainer, pl_module)
             elif stage == "fit" and max_epochs is not None and 0 <= max_epochs <= self.start_epoch:
                 rank_zero_warn(f"TensorDecomposition(start_epoch={self.start_epoch}) never factorizes: fit has max_epochs={max_epochs}. "
@@ -222,6 +223,7 @@ class TensorDecomposition(CompressionCallback):
                 f"TensorDecomposition(start_epoch={self.start_epoch}) factorizes during fit on single-device and DDP "
                 f"strategies; {type(strategy).__name__} wraps the model otherwise. Use start_epoch=0."
             )
+        self._before_change(trainer, pl_module)
         self.decompose(trainer, pl_module)
         _rebuild_optimizers(trainer)
         if wrapped:

@@ -287,6 +287,8 @@ class IterativePruning(CompressionCallback):
             return  # not enough squared gradients yet: the update waits for them
         if any(is_shared(layer) for layer in self.layers.values()):
             return  # WeightSharing has clustered these weights: the codes fix which ones are kept
+        if not self.history:
+            self._before_change(trainer, pl_module)
         self._pruner.update(target, first=self.last_update_step is None, rewound=self.rewind_saved,
                             optimizers=trainer.optimizers)
         self.last_update_step = step

@@ -14,8 +14,8 @@ from typing_extensions import override
 
 from ..methods.quantization import ROUNDINGS, Format, bake_quantized_weight, calibrate, can_quantize, quantize_layer
 from ..methods.quantization.formats import check_bits, check_fixed_point, check_scheme
-from .base import CompressionCallback, artifact_path
-from .targets import batch_inputs, compressible_root, resolve_targets
+from .base import CompressionCallback, artifact_path, working
+from .targets import batch_inputs, compressible_root, detached, resolve_targets
 
 MODES = ("qat", "ptq")
 
@@ -171,10 +171,15 @@ class QuantizationAwareTraining(CompressionCallback):
         names = resolve_targets(root, self.targets, can_quantize, "Conv1d/Conv2d/Linear layer",
                                 fix="QuantizationAwareTraining fake-quantizes Conv1d, Conv2d and Linear layers")
         self._claim(trainer, root, names, accept=can_quantize)
+        epoch = trainer.current_epoch if trainer is not None else 0
+        if stage == "fit" and (self.mode == "ptq" or epoch >= self.start_epoch):
+            self._before_change(trainer, pl_module)  # fake quantization acts from the first step
         # Before any checkpoint loads: its scales and ranges fill these buffers.
         for index, (name, layer) in enumerate(self.layers.items()):
             quantize_layer(layer, self.weight_format(), self.activation_format(first=index == 0), self.momentum,
                            self.per_channel)
+        if stage == "fit":
+            self._set_flags(epoch)  # a later start_epoch: the layers compute in float until then
         max_epochs = trainer.max_epochs if trainer is not None else None
         if stage == "fit" and self.mode == "qat" and max_epochs is not None and 0 <= max_epochs <= self.start_epoch:
             rank_zero_warn(f"QuantizationAwareTraining(start_epoch={self.start_epoch}) never fake-quantizes: fit has "
@@ -204,6 +209,8 @@ class QuantizationAwareTraining(CompressionCallback):
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.start_epoch > 0 and self.mode == "qat":
+            self._before_change(trainer, pl_module)
         self._set_flags(trainer.current_epoch)
         if trainer.current_epoch == self.start_epoch and self.mode == "qat":
             rank_zero_info(f"QuantizationAwareTraining: fake quantization on in {len(self._names)} layers "
@@ -243,7 +250,9 @@ class QuantizationAwareTraining(CompressionCallback):
         # batch_to_device applies the data module's on_after_batch_transfer (normalisation, for one).
         batches = [batch_inputs(trainer.strategy.batch_to_device(batch)).cpu()
                    for batch in islice(loader, self.calibration_batches)]
-        self.artifact = export_onnx(compressible_root(pl_module), path, batches)
+        with detached(pl_module), working(f"QuantizationAwareTraining: exporting int8 ONNX, ONNX Runtime calibrating "
+                                          f"on {len(batches)} batches"):
+            self.artifact = export_onnx(compressible_root(pl_module), path, batches)
         s = self.artifact
         rank_zero_info(f"QuantizationAwareTraining: wrote {s.path} ({s.int8_bytes:,} bytes; fp32 ONNX {s.fp32_bytes:,}, "
                        f"{s.compression_ratio:.2f}x)")

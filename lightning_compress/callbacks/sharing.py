@@ -19,8 +19,9 @@ from ..methods.optim_state import zero_weight_state
 from ..methods.pruning import masks as M
 from ..methods.sharing import codebook as C
 from ..methods.sharing.kmeans import INITS
-from .base import CompressionCallback, artifact_path
-from .targets import compressible_root, first_match, lookup, resolve_targets
+from ..methods.report import human_bytes
+from .base import CompressionCallback, artifact_path, working
+from .targets import compressible_root, detached, first_match, lookup, resolve_targets
 
 
 class WeightSharing(CompressionCallback):
@@ -157,6 +158,7 @@ class WeightSharing(CompressionCallback):
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.start_epoch is not None and not self.clustered and trainer.current_epoch >= self.start_epoch:
+            self._before_change(trainer, pl_module)
             self.cluster(trainer)
             rank_zero_info(f"WeightSharing: clustered {len(self._names)} layers at epoch {trainer.current_epoch}")
 
@@ -179,6 +181,7 @@ class WeightSharing(CompressionCallback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.clustered:
+            self._before_change(trainer, pl_module)
             self.cluster(None)  # post-training sharing (start_epoch=None): on the CPU model, no optimizer left
         path = artifact_path(trainer, self.export)  # on every process: the log directory is broadcast
         if self.finalize:
@@ -189,7 +192,8 @@ class WeightSharing(CompressionCallback):
             network = compressible_root(pl_module)
         elif path is not None:
             # The packed file stores a plain network: export a finalized copy, keep the codes here.
-            network = copy.deepcopy(compressible_root(pl_module))
+            with detached(pl_module):
+                network = copy.deepcopy(compressible_root(pl_module))
             self._finalize(lookup(network, self._names).values())
         if path is not None:
             self._export(trainer, network, path)
@@ -205,8 +209,11 @@ class WeightSharing(CompressionCallback):
         from ..methods.sharing.packed import save_compressed
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.artifact = save_compressed(network, path)
-        Console(width=None if Console().is_terminal else 160).print(self.artifact.table(title=f"Packed file {path}"))
+        with working(f"WeightSharing: packing {path.name} (relative indices, codebooks, Huffman)"):
+            self.artifact = save_compressed(network, path)
+        stages = " -> ".join(f"{k} {human_bytes(v)}" for k, v in self.artifact.stages().items())
+        rank_zero_info(f"WeightSharing: wrote {path}: {stages} ({self.artifact.compression_ratio:.1f}x; per layer: "
+                       "`lightning-compress inspect` the file)")
         if trainer.logger is not None:
             stages = {"dense": "fp32", "pruned": "pruned", "+ shared": "shared", "+ huffman": "huffman"}
             metrics = {f"sharing/bytes_{stages[k]}": float(v) for k, v in self.artifact.stages().items()}

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from fnmatch import fnmatchcase
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -79,3 +80,20 @@ def batch_inputs(batch: Any) -> torch.Tensor:
         f"cannot find the network's input in a training batch of type {type(batch).__name__}: batches must be a "
         "tensor, a tuple / list whose first element is the input, or a dict with an 'input' tensor"
     )
+
+
+@contextmanager
+def detached(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` with the Trainer references of its LightningModules taken off for the duration.
+
+    A deep copy of a LightningModule (an export, a reference copy) would otherwise copy its whole
+    Trainer, dataloaders and loggers included.
+    """
+    held = [(m, m.__dict__.get("_trainer")) for m in module.modules() if "_trainer" in m.__dict__]
+    for m, _ in held:
+        m.__dict__["_trainer"] = None
+    try:
+        yield module
+    finally:
+        for m, trainer in held:
+            m.__dict__["_trainer"] = trainer

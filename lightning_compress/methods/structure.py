@@ -139,6 +139,23 @@ def _complete(layer: nn.Module, own: Mapping[str, Any], key: str, target: Any, f
         target[full_key + EXTRA_STATE] = layer.get_extra_state()
 
 
+def strip_structure(model: nn.Module) -> nn.Module:
+    """The plain network under the compression structure, in place: masks and fake-quant layers removed
+    and codebook buffers dropped, the weights as they are (factor chains and removed channels stay: they
+    are the weights). What a model computed before a compression callback first acted on it."""
+    from .pruning.masks import remove_mask
+    from .quantization.layers import dequantize_layer
+    from .sharing.codebook import remove_codebook_buffers
+
+    for layer in list(model.modules()):
+        dequantize_layer(layer, bake=False)
+        remove_mask(layer, fold=False)
+        remove_codebook_buffers(layer)
+        for buffer in TRAINING_BUFFERS:
+            layer._buffers.pop(buffer, None)
+    return model
+
+
 def _restore_before_load(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
     restore_structure(module, state_dict, prefix)
 

@@ -183,7 +183,7 @@ def test_filter_pruning_refuses_residual_networks():
 
 def test_logs_sparsity_and_report_reads_it(tmp_path):
     pruning = IterativePruning(sparsity=0.75, schedule="agp", start_epoch=0, end_epoch=1, frequency=5, finalize=False)
-    report = CompressionReport(print_table=False)
+    report = CompressionReport(print_summary=False)
     _fit([pruning, report], max_epochs=2, logger=CSVLogger(tmp_path), log_every_n_steps=1)
     with open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))

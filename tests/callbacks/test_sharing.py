@@ -67,7 +67,7 @@ def test_at_fit_end_by_default_and_per_layer_bits():
 def test_pruned_weights_stay_zero_and_take_no_centroid(tmp_path):
     pruning = IterativePruning(sparsity=0.8, schedule="one_shot", start_epoch=0)
     sharing = WeightSharing(weight_bits=2, start_epoch=1)
-    report = CompressionReport(print_table=False, input_size=[1, 8, 8])
+    report = CompressionReport(print_summary=False, input_size=[1, 8, 8])
     _, module = _fit([pruning, sharing, report], max_epochs=3, default_root_dir=tmp_path)
     layer = module.model.features[3]
     zeros = float((layer.weight == 0).float().mean())

@@ -252,6 +252,32 @@ def _check_formats(layers: dict[str, nn.Module]) -> None:
                                  "export supports 2..8-bit affine / symmetric")
 
 
+def export_fp32_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, opset: int = 17) -> Path:
+    """``model`` in floating point as an ONNX file (fake-quant layers baked into plain ones, masks folded):
+    what an int8 file is compared with, in the same runtime."""
+    path = Path(path)
+    model = copy.deepcopy(model).cpu().float().eval()
+    _drop_compiled_forward(model)
+    for layer in list(model.modules()):
+        dequantize_layer(layer)
+        if is_masked(layer):
+            remove_mask(layer, fold=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # the fused attention kernels have no ONNX form
+    try:
+        with torch.no_grad():
+            torch.onnx.export(model, (example[:1].cpu().float(),), str(partial), input_names=["input"],
+                              output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                              opset_version=opset, dynamo=False)
+        partial.replace(path)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        partial.unlink(missing_ok=True)
+    return path
+
+
 def export_onnx(
     model: nn.Module,
     path: str | Path,

@@ -227,12 +227,14 @@ def bake_quantized_weight(module: nn.Module) -> nn.Module:
     return module
 
 
-def dequantize_layer(module: nn.Module) -> nn.Module:
+def dequantize_layer(module: nn.Module, bake: bool = True) -> nn.Module:
     """Back to a plain (or still masked) Conv / Linear with the fake-quantized weight baked in (what
-    was trained is what is kept); the quantization buffers are dropped. In place."""
+    was trained is what is kept; ``bake=False`` keeps the weight as it is); the quantization buffers
+    are dropped. In place."""
     if not is_quantized(module):
         return module
-    bake_quantized_weight(module)
+    if bake:
+        bake_quantized_weight(module)
     for name in ("weight_bits", "activation_min", "activation_max", "activation_observed"):
         module._buffers.pop(name, None)
     module.__class__ = _UNQUANTIZED[type(module)]
