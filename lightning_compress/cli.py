@@ -48,7 +48,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> CompressCLI:
 _PACKAGE = str(Path(__file__).resolve().parent)
 
 
-def _refusal(error: BaseException) -> str | None:
+def refusal_message(error: BaseException) -> str | None:
     """``"<where> (<class>): <message>"`` for a ValueError that the ``__init__`` of a class of this package
     raised while the recipe was instantiated (jsonargparse wraps it in its own errors); else None."""
     seen = set()
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         build_cli(argv)  # None: LightningCLI reads sys.argv itself
     except ValueError as error:
-        message = _refusal(error)
+        message = refusal_message(error)
         if message is None:
             raise
         print(f"lightning-compress: {message}", file=sys.stderr)

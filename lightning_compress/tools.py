@@ -15,6 +15,7 @@ on stderr and exit status 2, with nothing written.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import sys
 from collections import Counter
@@ -162,15 +163,39 @@ def inspect(path: Path) -> Table:
 
 
 def _recipe(args: list[str]):
-    from .cli import build_cli
+    from .cli import refusal_message, build_cli
 
     if not any(a == "--config" or a.startswith("--config=") for a in args):
         raise ArtifactError("evaluate needs the recipe the file was made with: --config RECIPE.yaml")
+    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it sees both args and a command line
+    # The Trainer's start-up lines (devices, seed, tips) are not what evaluate is asked for.
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
     try:
         cli = build_cli(args + ["--trainer.logger=false"], run=False)
     except SystemExit as exit_:
         raise ArtifactError(f"the recipe arguments do not parse (status {exit_.code})") from None
+    except Exception as error:
+        message = refusal_message(error)
+        if message is None:
+            raise
+        raise ArtifactError(message) from None
+    finally:
+        sys.argv = argv
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
     return cli.model, cli.datamodule
+
+
+def _one_line(error: Exception) -> str:
+    """A multi-line message as one line: its first line and the line that says how to fix it."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    fix = next((index for index, line in enumerate(lines) if index and line.startswith("To fix")), None)
+    if not lines:
+        return type(error).__name__
+    return " ".join([lines[0], *lines[fix:]]) if fix is not None else lines[0]
 
 
 def _test_batches(datamodule) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -188,8 +213,19 @@ def evaluate(path: Path, recipe_args: list[str]) -> dict[str, Any]:
     from .methods.latency import interleaved_latency, onnx_runner, torch_runner
 
     kind = kind_of(path)
+    state = None
+    if kind == "packed":  # a damaged file says so before a model and data are built for it
+        from .methods.sharing.packed import load_compressed
+
+        try:
+            state = load_compressed(path)
+        except ValueError as error:
+            raise ArtifactError(_one_line(error)) from None
     module, datamodule = _recipe(recipe_args)
-    batches = _test_batches(datamodule)
+    try:
+        batches = _test_batches(datamodule)
+    except (FileNotFoundError, ValueError) as error:
+        raise ArtifactError(f"the recipe's test data: {_one_line(error)}") from None
     if kind == "onnx":
         try:
             import onnxruntime as ort
@@ -206,15 +242,19 @@ def evaluate(path: Path, recipe_args: list[str]) -> dict[str, Any]:
         network = module.model if hasattr(module, "model") else module
         try:
             if kind == "packed":
-                from .methods.sharing.packed import load_compressed
                 from .methods.structure import restore_structure
 
-                state = load_compressed(path)
                 restore_structure(network, state)
                 network.load_state_dict(state)
             else:
                 module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True).get("state_dict", {}))
         except (RuntimeError, ValueError, KeyError) as error:
+            if kind == "packed":  # what the file holds against what the recipe's model has, key by key
+                from .methods.sharing.packed import state_mismatch
+
+                mismatch = state_mismatch(path, state, network)
+                if mismatch is not None:
+                    raise ArtifactError(str(mismatch).replace("\n  ", "; ")) from None
             raise ArtifactError(f"{path} does not fit the recipe's model: {str(error).splitlines()[0][:200]}") from None
         network.eval()
         predict = lambda x: network(x)  # noqa: E731

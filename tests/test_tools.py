@@ -60,12 +60,22 @@ def test_evaluate_each_kind_in_its_runtime(files, capsys):
     (["inspect", "pyproject.toml"], "not a packed file, an ONNX file or a checkpoint"),
     (["evaluate", "{model.lcpk}"], "evaluate needs the recipe the file was made with: --config"),
     (["evaluate", "{model.lcpk}", "--config", "recipes/digits/baseline.yaml", "--model.model", "vgg_proxy"],
-     "does not fit the recipe's model"),
+     "does not fit this CifarVGG: the file holds"),
     (["inspect", "{truncated.lcpk}"], "truncated.lcpk"),
+    # A damaged file is named as damaged before any model or data is built for it.
+    (["evaluate", "{flipped.lcpk}", *RECIPE], "flipped.lcpk: the file is truncated or corrupted (payload SHA-256"),
+    (["evaluate", "{model.lcpk}", *RECIPE, "--model.model", "small_cnn"],
+     "model (ImageClassifier): model='small_cnn' is not registered; valid names:"),
+    (["evaluate", "{model.lcpk}", "--config", "recipes/vgg19_cifar10/baseline.yaml", "--data.init_args.data_dir",
+      "{empty}"], "the recipe's test data: CIFAR-10 was not found under"),
 ])
 def test_every_mistake_is_one_line_and_status_2(files, capsys, argv, message, tmp_path):
-    (tmp_path / "truncated.lcpk").write_bytes((files / "model.lcpk").read_bytes()[:200])
-    names = {"{model.lcpk}": str(files / "model.lcpk"), "{truncated.lcpk}": str(tmp_path / "truncated.lcpk")}
+    packed = (files / "model.lcpk").read_bytes()
+    (tmp_path / "truncated.lcpk").write_bytes(packed[:200])
+    (tmp_path / "flipped.lcpk").write_bytes(packed[:-50] + bytes([packed[-50] ^ 0xFF]) + packed[-49:])
+    (tmp_path / "empty").mkdir()
+    names = {"{model.lcpk}": str(files / "model.lcpk"), "{truncated.lcpk}": str(tmp_path / "truncated.lcpk"),
+             "{flipped.lcpk}": str(tmp_path / "flipped.lcpk"), "{empty}": str(tmp_path / "empty")}
     argv = [names.get(a, a) for a in argv]
     before = sorted(p.name for p in files.iterdir())
     code, out, err = _run(capsys, *argv)

@@ -217,19 +217,19 @@ def _load_into(path: Path, state: dict[str, torch.Tensor], model: nn.Module) -> 
     # A load pre-hook may rebuild the model's structure from the state (restore_structure_on_load):
     # such a model can only be compared once torch's attempt has run the hook.
     hooked = any(module._load_state_dict_pre_hooks for module in model.modules())
-    mismatch = None if hooked else _mismatch(path, state, model)
+    mismatch = None if hooked else state_mismatch(path, state, model)
     if mismatch is not None:  # before anything is copied, so the model is left as it was
         raise mismatch
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        mismatch = _mismatch(path, state, model)
+        mismatch = state_mismatch(path, state, model)
         if mismatch is None:
             raise
         raise mismatch from error
 
 
-def _mismatch(path: Path, state: dict[str, torch.Tensor], model: nn.Module, shown: int = 5) -> ValueError | None:
+def state_mismatch(path: Path, state: dict[str, torch.Tensor], model: nn.Module, shown: int = 5) -> ValueError | None:
     """What the file holds that the model lacks, and the reverse, and the shapes that differ."""
     expected = model.state_dict()
     missing = [key for key in expected if key not in state]
