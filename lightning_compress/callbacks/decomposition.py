@@ -1,4 +1,5 @@
-"""TensorDecomposition: one-shot Tucker-2 / CP of convolutions and SVD of linear layers, then fine-tuning."""
+"""TensorDecomposition: one-shot Tucker-2 / CP / tensor-train / flattened factorization of convolutions and
+SVD / TT-matrix of linear layers, then fine-tuning."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing_extensions import override
 
 from ..methods.atomic import write_atomic
 from ..methods.decomposition import METHODS, Factorized, LayerDecision, apply_plan, parse_rank, plan_decomposition
+from ..methods.decomposition.flattened import check_flattened_rule
 from ..methods.decomposition.plan import METRICS, accepts, plan_from_state, plan_to_state
 from ..methods.structure import restore_structure
 from .base import CompressionCallback
@@ -29,10 +31,12 @@ class TensorDecomposition(CompressionCallback):
 
     The factorized layers are chains of ordinary small layers (see
     :mod:`lightning_compress.methods.decomposition.layers`): Tucker-2 ``1x1 -> KxK -> 1x1``, CP
-    ``1x1 -> Kx1 -> 1xK -> 1x1`` (depthwise middle), SVD ``in -> r -> out``. Ranks are rounded up to
-    multiples of ``rank_multiple`` (widths that tensor cores and vector units like), and a 1x1 stage
-    that would not save parameters is folded into its neighbour, so the network gets faster, not only
-    smaller.
+    ``1x1 -> Kx1 -> 1xK -> 1x1`` (depthwise middle), SVD ``in -> r -> out``, tensor train
+    ``1x1 -> Kx1 -> 1xK -> 1x1`` (full middle convs) or, for a Linear, three TT-matrix cores, and
+    flattened ``1x1 -> Kx1 -> 1xK`` depthwise (``-> grouped 1x1`` with several terms per filter).
+    Ranks are rounded up to multiples of ``rank_multiple`` (widths that tensor cores and vector units
+    like), and a 1x1 stage that would not save parameters is folded into its neighbour, so the network
+    gets faster, not only smaller.
 
     When: ``start_epoch=0`` factorizes in ``setup``, before optimizers and the DDP wrapper exist (the usual
     "decompose a trained model, then fine-tune"); ``start_epoch=N`` factorizes at the start of epoch N and then
@@ -45,18 +49,24 @@ class TensorDecomposition(CompressionCallback):
     :meth:`TensorDecomposition.restore` (outside a Trainer) all rebuild it before the weights load.
 
     Args:
-        method: ``"tucker"`` (Tucker-2 of KxK convs), ``"cp"`` (CP of KxK convs) or ``"svd"`` (Linear and
-            1x1 convs). Layers the method cannot factorize (grouped / depthwise convs, other kernels) are
-            kept and listed with the reason.
+        method: ``"tucker"`` (Tucker-2 of KxK convs), ``"cp"`` (CP of KxK convs), ``"svd"`` (Linear and
+            1x1 convs), ``"tt"`` (tensor train: TT-SVD of KxK convs, TT-matrix of Linear layers, see
+            :mod:`lightning_compress.methods.decomposition.tensor_train`) or ``"flattened"`` (Jin et al.
+            2014: each filter a sum of ``rank`` separable terms, see
+            :mod:`lightning_compress.methods.decomposition.flattened`). Layers the method cannot factorize
+            (grouped / depthwise convs, other kernels) are kept and listed with the reason.
         rank: int; float fraction of each mode; ``"energy:x"`` (smallest ranks keeping the fraction x of
             each unfolding's Frobenius norm); ``"vbmf"``; ``"svt"`` or ``"svt:t"``. For CP a rule gives the
             larger of the two channel-mode ranks, and a float is a fraction of the larger channel count.
+            For TT a rule gives each TT rank from its unfolding. For flattened the rank is the number of
+            terms per filter (int; float: a fraction of the terms that make a filter exact; ``"energy:x"``
+            over the filters' orthogonal terms; not vbmf / svt), and ``rank_multiple`` does not apply.
             An int above a mode's size is clamped to it, with a warning.
         start_epoch: the epoch at whose start to factorize (0: in ``setup``).
         targets: module-name globs; default every layer the method considers.
         target_compression: instead of ``rank``, choose every layer's ranks together so that the whole
             model has ``target_compression`` times fewer parameters (or MACs, see ``metric``) with the least
-            estimated reconstruction error per unit saved (Tucker and SVD).
+            estimated reconstruction error per unit saved (Tucker, SVD, TT, flattened; not CP).
         metric: ``"params"`` or ``"macs"`` for ``target_compression`` (MACs need the data module's
             ``input_shape`` or ``input_size``).
         rank_multiple: round ranks up to a multiple of this (1: exact ranks).
@@ -79,7 +89,7 @@ class TensorDecomposition(CompressionCallback):
 
     def __init__(
         self,
-        method: Literal["tucker", "cp", "svd"] = "tucker",
+        method: Literal["tucker", "cp", "svd", "tt", "flattened"] = "tucker",
         rank: int | float | str = "energy:0.9",
         start_epoch: int = 0,
         targets: list[str] | None = None,
@@ -93,14 +103,16 @@ class TensorDecomposition(CompressionCallback):
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method={method!r} is not known; valid: {', '.join(map(repr, METHODS))}")
-        parse_rank(rank)
+        rule = parse_rank(rank)
+        if method == "flattened":
+            check_flattened_rule(rule, rank)
         if isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or start_epoch < 0:
             raise ValueError(f"start_epoch={start_epoch!r} must be an integer >= 0 (0: factorize in setup)")
         if target_compression is not None:
             if not isinstance(target_compression, (int, float)) or isinstance(target_compression, bool) or not target_compression > 1:
                 raise ValueError(f"target_compression={target_compression!r} must be a number > 1 (times fewer {metric}) or None")
             if method == "cp":
-                raise ValueError("target_compression works with method 'tucker' or 'svd', not 'cp' "
+                raise ValueError("target_compression works with method 'tucker', 'svd', 'tt' or 'flattened', not 'cp' "
                                  "(CP has no error estimate without running it); give a rank instead")
         if metric not in METRICS:
             raise ValueError(f"metric={metric!r} is not known; valid: {', '.join(map(repr, METRICS))}")
@@ -152,8 +164,9 @@ class TensorDecomposition(CompressionCallback):
         # chains loads before the callback's state does. The chain stands for the layer it replaced.
         inside = {id(m) for f in root.modules() if isinstance(f, Factorized) for m in f.modules() if m is not f}
         accept = accepts(self.method)
-        other = {"tucker": "'svd' (Linear and 1x1 Conv2d layers)", "cp": "'svd' (Linear and 1x1 Conv2d layers)",
-                 "svd": "'tucker' or 'cp' (KxK Conv2d layers)"}[self.method]
+        linear = "'svd' (Linear and 1x1 Conv2d layers) or 'tt' (Linear)"
+        other = {"tucker": linear, "cp": linear, "flattened": linear, "svd": "'tucker', 'cp', 'tt' or 'flattened' (KxK Conv2d layers)",
+                 "tt": "a technique other than decomposition (tt factorizes Conv2d and Linear layers)"}[self.method]
         return resolve_targets(root, self.targets, lambda m: isinstance(m, Factorized) or (id(m) not in inside and accept(m)),
                                f"layer that {self.method!r} considers", fix=f"For those, use method={other}")
 

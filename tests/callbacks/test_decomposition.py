@@ -141,6 +141,34 @@ def test_the_plan_is_written_and_logged(tmp_path):
     assert "cp" in str(decomposition.table().columns[1]._cells)
 
 
+@pytest.mark.parametrize("method, rank, factorized", [
+    ("tt", 4, ["features.0", "features.3", "features.7", "classifier"]),
+    ("flattened", 1, ["features.0", "features.3", "features.7"]),
+])
+def test_tt_and_flattened_fit_then_test_from_the_checkpoint(tmp_path, method, rank, factorized):
+    decomposition = TensorDecomposition(method=method, rank=rank, rank_multiple=4, print_table=False)
+    module = _module()
+    data = DigitsDataModule(batch_size=64)
+    limits = {"limit_train_batches": 6, "limit_val_batches": 2, "limit_test_batches": 3}
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="last")
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, callbacks=[decomposition, checkpoint], logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **limits)
+    trainer.fit(module, datamodule=data)
+    done = [d.name for d in decomposition.plan if d.method == method]
+    assert done == factorized and all(isinstance(module.model.get_submodule(n), Factorized) for n in done)
+    expected = trainer.test(module, datamodule=data, verbose=False)[0]["test/acc"]
+
+    fresh = _module()
+    tester = _trainer([TensorDecomposition(method=method, rank=rank, print_table=False)], **limits)
+    result = tester.test(fresh, datamodule=data, ckpt_path=str(tmp_path / "last.ckpt"), verbose=False)[0]["test/acc"]
+    assert result == pytest.approx(expected)
+    restored = TensorDecomposition.restore(ImageClassifier("digits_cnn"), tmp_path / "last.ckpt")
+    again = ImageClassifier("digits_cnn", weights=str(tmp_path / "last.ckpt"))
+    x = torch.randn(4, 1, 8, 8)
+    module.eval(), restored.eval(), again.eval()
+    assert torch.allclose(restored(x), module(x), atol=1e-6) and torch.allclose(again(x), module(x), atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -149,7 +177,10 @@ def test_the_plan_is_written_and_logged(tmp_path):
         ({"rank": "energy:0"}, r"rank='energy:0'"),
         ({"start_epoch": -1}, r"start_epoch=-1 must be"),
         ({"target_compression": 0.5}, r"target_compression=0.5 must be a number > 1"),
-        ({"method": "cp", "target_compression": 10}, r"target_compression works with method 'tucker' or 'svd'"),
+        ({"method": "cp", "target_compression": 10},
+         r"target_compression works with method 'tucker', 'svd', 'tt' or 'flattened', not 'cp'"),
+        ({"method": "flattened", "rank": "vbmf"}, r"rank='vbmf' is not valid for method='flattened': give an int >= 1"),
+        ({"method": "tt", "rank": 0}, r"rank=0 is not valid"),
         ({"metric": "flops"}, r"metric='flops' is not known"),
         ({"rank_multiple": 0}, r"rank_multiple=0 must be"),
     ],

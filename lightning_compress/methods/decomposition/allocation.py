@@ -18,8 +18,10 @@ import torch
 from torch import nn
 
 from . import factorize
+from .flattened import dropped_energy, flattened_full_terms, flattened_macs, flattened_params, term_norms
 from .layers import Geometry, cp_params, svd_params, tucker_params
 from .ranks import spectrum
+from .tensor_train import clamp_tt_ranks, tt_bounds, tt_macs, tt_params, tt_unfoldings
 
 
 def layer_positions(model: nn.Module, example: torch.Tensor, names: Iterable[str]) -> dict[str, tuple[int, int]]:
@@ -47,6 +49,10 @@ def layer_positions(model: nn.Module, example: torch.Tensor, names: Iterable[str
 
 def cost_fn(method: str, g: Geometry, metric: str, pos: tuple[int, int] | None) -> Callable[..., float]:
     """Cost of a factorization of ``g`` at given ranks: parameters, or MACs per sample."""
+    if method == "tt":
+        return (lambda *r: tt_params(g, r)) if metric == "params" or pos is None else (lambda *r: tt_macs(g, r, pos))
+    if method == "flattened":
+        return (lambda s: flattened_params(s, g)) if metric == "params" or pos is None else (lambda s: flattened_macs(s, g, pos))
     if metric == "params" or pos is None:
         return {"tucker": lambda ro, ri: tucker_params(ro, ri, g), "svd": lambda r: svd_params(r, g), "cp": lambda r: cp_params(r, g)}[method]
     p_in, p_out = pos
@@ -73,8 +79,14 @@ def dense_cost(g: Geometry, metric: str, pos: tuple[int, int] | None) -> float:
 
 def layer_spectra(method: str, layer: nn.Module) -> list[tuple[torch.Tensor, tuple[int, int]]]:
     """Singular values (and matrix shape) of what ``method`` truncates: the output-mode and input-mode
-    unfoldings of a conv kernel (Tucker, CP), or the weight matrix (SVD). Computed once per plan."""
+    unfoldings of a conv kernel (Tucker, CP), the weight matrix (SVD), the k-th unfoldings of the TT
+    tensor (TT); for flattened, each filter's term norms ``(O, T)``. Computed once per plan."""
     w = factorize.effective_weight(layer)
+    if method == "tt":
+        return [(spectrum(m), tuple(m.shape)) for m in tt_unfoldings(w, Geometry.of(layer))]
+    if method == "flattened":
+        norms = term_norms(w)
+        return [(norms, tuple(norms.shape))]
     if method == "svd":
         matrix = w.reshape(w.shape[0], -1)
         return [(spectrum(matrix), tuple(matrix.shape))]
@@ -96,7 +108,13 @@ def estimated_error(method: str, g: Geometry, spectra, ranks: tuple[int, ...]) -
     """The truncated-HOSVD (or SVD) error bound ``||W - W_hat|| / ||W||`` at ``ranks``."""
     if method == "cp":
         return None
-    sizes = (g.out_features, g.in_features) if method == "tucker" else (len(spectra[0][0]),)
+    if method == "flattened":
+        return math.sqrt(dropped_energy(spectra[0][0])[min(ranks[0], spectra[0][0].shape[1])])
+    if method == "tt":
+        # Oseledets 2011, Thm 2.2: the squared TT-SVD error is at most the sum of the unfoldings' tails.
+        sizes = tuple(len(values) for values, _ in spectra)
+    else:
+        sizes = (g.out_features, g.in_features) if method == "tucker" else (len(spectra[0][0]),)
     total = float((spectra[0][0].double() ** 2).sum())
     dropped = sum(_tail_energy(values, size)[min(rank, size)] for (values, _), size, rank in zip(spectra, sizes, ranks))
     return math.sqrt(dropped / total) if total else 0.0
@@ -105,6 +123,16 @@ def estimated_error(method: str, g: Geometry, spectra, ranks: tuple[int, ...]) -
 def _candidates(values: int, multiple: int) -> np.ndarray:
     ranks = list(range(multiple, values, multiple)) if multiple > 1 else list(range(1, values))
     return np.array(sorted(set(ranks + [values])), dtype=np.int64)
+
+
+def _pareto(costs: np.ndarray, errors: np.ndarray) -> np.ndarray:
+    """Indices of the points that no cheaper point matches in error: a TT grid of 10^5-10^6 rank
+    triples thins to a few hundred before :func:`lower_hull`, whose loop is Python."""
+    order = np.lexsort((errors, costs))
+    best = np.minimum.accumulate(errors[order])
+    keep = np.ones(len(order), dtype=bool)
+    keep[1:] = errors[order][1:] < best[:-1] - 1e-12
+    return order[keep]
 
 
 def lower_hull(costs: np.ndarray, errors: np.ndarray) -> list[int]:
@@ -140,8 +168,8 @@ def allocate_ranks(
     ``total_cost`` is the whole model's cost (parameters or MACs) before; layers outside ``layers``
     keep theirs. ``spectra`` maps names to :func:`layer_spectra` already computed.
     """
-    if method not in ("tucker", "svd"):
-        raise ValueError(f"target_compression works with method 'tucker' or 'svd', not {method!r} "
+    if method not in ("tucker", "svd", "tt", "flattened"):
+        raise ValueError(f"target_compression works with method 'tucker', 'svd', 'tt' or 'flattened', not {method!r} "
                          "(CP has no error estimate without running it)")
     budget = total_cost / target_compression
     options: dict[str, tuple[list[tuple[int, ...] | None], np.ndarray, np.ndarray]] = {}
@@ -166,6 +194,23 @@ def allocate_ranks(
                 ranks.append((int(a), int(b)))
                 costs.append(cost(int(a), int(b)))
                 errors.append(float(e))
+        elif method == "tt":
+            bounds = tt_bounds(g)
+            tails = [_tail_energy(values, bound) for (values, _), bound in zip(layer_values, bounds)]
+            grid = clamp_tt_ranks(g, [x.ravel() for x in np.meshgrid(*[_candidates(b, multiple) for b in bounds], indexing="ij")])
+            errs = sum(tail[r] for tail, r in zip(tails, grid)) / max(tails[0][0], 1e-300)
+            grid_costs = np.asarray(cost(*grid), dtype=np.float64)
+            for i in _pareto(grid_costs, errs):
+                ranks.append(tuple(int(r[i]) for r in grid))
+                costs.append(float(grid_costs[i]))
+                errors.append(float(errs[i]))
+        elif method == "flattened":
+            (norms, _), = layer_values
+            dropped = dropped_energy(norms)
+            for terms in range(1, flattened_full_terms(g) + 1):
+                ranks.append((terms,))
+                costs.append(cost(terms))
+                errors.append(dropped[terms])
         else:
             (s, _), = layer_values
             tail = _tail_energy(s, len(s))

@@ -8,8 +8,10 @@ import torch
 from torch import nn
 
 from . import factorize
+from .flattened import build_flattened, flattened
 from .layers import Factorized, Geometry, build_cp, build_svd, build_tucker, factorized_from_state
 from .plan import LayerDecision
+from .tensor_train import build_tt, tensor_train
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -24,12 +26,20 @@ def _build(decision: LayerDecision, layer: nn.Module | None, from_weights: bool,
             return factorize.tucker2(layer, *decision.ranks, **({"n_iter_max": n_iter_max} if n_iter_max else {}))
         if decision.method == "cp":
             return factorize.cp(layer, decision.ranks[0], **({"n_iter_max": n_iter_max} if n_iter_max else {}))
+        if decision.method == "tt":
+            return tensor_train(layer, decision.ranks)
+        if decision.method == "flattened":
+            return flattened(layer, decision.ranks[0], **({"n_iter_max": n_iter_max} if n_iter_max else {}))
         return factorize.svd(layer, decision.ranks[0])
     like = next(layer.parameters()) if layer is not None else None
     if decision.method == "tucker":
         return build_tucker(g, *decision.ranks, like=like)
     if decision.method == "cp":
         return build_cp(g, decision.ranks[0], like=like)
+    if decision.method == "tt":
+        return build_tt(g, decision.ranks, like=like)
+    if decision.method == "flattened":
+        return build_flattened(g, decision.ranks[0], like=like)
     return build_svd(g, decision.ranks[0], like=like)
 
 

@@ -11,6 +11,10 @@ small convolutions directly (no kernel is rebuilt at each forward, unlike Tensor
   depthwise (R channels), ``expand`` 1x1 (R -> out, the bias).
 * SVD (``"svd"``): ``reduce`` (in -> r, the layer's stride for a 1x1 conv) and ``expand`` (r -> out, the
   bias), Linear or 1x1 Conv2d.
+* tensor train (``"tt"``, :mod:`.tensor_train`): ``core0`` .. ``core3`` for a conv (1x1, Kx1, 1xK, 1x1),
+  ``core0`` .. ``core2`` (TT-matrix cores) for a Linear.
+* flattened (``"flattened"``, :mod:`.flattened`): ``lateral`` 1x1, ``vertical`` Kx1 and ``horizontal``
+  1xK depthwise, and ``combine`` (grouped 1x1) when a filter has more than one term.
 
 The structure of a factorized layer follows from its stages' shapes alone, so a checkpoint rebuilds it
 (:func:`factorized_from_state`) before its weights load.
@@ -25,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-METHODS = ("tucker", "cp", "svd")
+METHODS = ("tucker", "cp", "svd", "tt", "flattened")
 
 
 @dataclass(frozen=True)
@@ -191,6 +195,17 @@ def build_svd(g: Geometry, rank: int, like: torch.Tensor | None = None) -> Facto
 def factorized_from_state(g: Geometry, state: dict[str, torch.Tensor], prefix: str) -> Factorized | None:
     """The factorized layer whose stages the state dict holds under ``prefix`` (``"features.0."``),
     or None when it holds none. Method and ranks are read from the stage names and shapes."""
+    cores: dict[str, torch.Size] = {}
+    while f"{prefix}core{len(cores)}.weight" in state:
+        cores[f"core{len(cores)}"] = state[f"{prefix}core{len(cores)}.weight"].shape
+    if cores:
+        from .tensor_train import tt_from_state  # imported here: that module builds on this one
+
+        return tt_from_state(g, cores)
+    if prefix + "lateral.weight" in state:
+        from .flattened import flattened_from_state
+
+        return flattened_from_state(g, {"lateral": state[prefix + "lateral.weight"].shape})
     shape = {name: state[prefix + name + ".weight"].shape for name in ("reduce", "core", "vertical", "horizontal", "expand")
              if prefix + name + ".weight" in state}
     if not shape:

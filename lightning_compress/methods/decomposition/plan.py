@@ -22,7 +22,9 @@ from torch import nn
 
 from .allocation import allocate_ranks, cost_fn, dense_cost, estimated_error, layer_positions, layer_spectra
 from .layers import METHODS, Factorized, Geometry
+from .flattened import check_flattened_rule, flattened_terms
 from .ranks import RankRule, parse_rank, round_rank, select_rank
+from .tensor_train import clamp_tt_ranks, tt_bounds
 
 METRICS = ("params", "macs")
 
@@ -67,7 +69,9 @@ def plan_from_state(state: list[dict[str, Any]]) -> list[LayerDecision]:
 
 def not_applicable(method: str, layer: nn.Module) -> str | None:
     """Why ``method`` cannot factorize ``layer`` (a line for the report), or None when it can."""
-    if method in ("tucker", "cp"):
+    if method == "tt" and isinstance(layer, nn.Linear):
+        return None
+    if method in ("tucker", "cp", "tt", "flattened"):
         if not isinstance(layer, nn.Conv2d):
             return f"{method} factorizes Conv2d layers; use 'svd' for {type(layer).__name__}"
         if layer.groups != 1:
@@ -88,13 +92,21 @@ def not_applicable(method: str, layer: nn.Module) -> str | None:
 
 def accepts(method: str) -> Callable[[nn.Module], bool]:
     """The layers a method considers (and reports as skipped when it cannot factorize them)."""
-    if method == "svd":
+    if method in ("svd", "tt"):
         return lambda m: isinstance(m, (nn.Linear, nn.Conv2d)) and not isinstance(m, Factorized)
     return lambda m: isinstance(m, nn.Conv2d)
 
 
 def _rule_ranks(method: str, rule: RankRule, spectra, g: Geometry, multiple: int, clamped: list[str], name: str) -> tuple[int, ...]:
     """``spectra()`` gives :func:`.allocation.layer_spectra` of the layer (called only when the rule needs it)."""
+    if method == "flattened":
+        return (flattened_terms(rule, spectra, g, clamped, name),)
+    if method == "tt":
+        bounds = tt_bounds(g)
+        picked = [select_rank(rule, values, shape) for (values, shape), _ in zip(spectra(), bounds)]
+        if any(rank > bound for rank, bound in zip(picked, bounds)):
+            clamped.append(f"{name} {tuple(picked)} > {tuple(bounds)}")
+        return tuple(int(r) for r in clamp_tt_ranks(g, [round_rank(r, b, multiple) for r, b in zip(picked, bounds)]))
     if method == "svd":
         (values, shape), = spectra()
         size = min(shape)
@@ -134,6 +146,8 @@ def plan_decomposition(
     if metric == "macs" and example is None:
         raise ValueError("metric='macs' needs an example input to measure each layer's spatial size")
     rule = parse_rank(rank) if target_compression is None else None
+    if method == "flattened" and rule is not None:
+        check_flattened_rule(rule, rank)
     layers = {name: model.get_submodule(name) for name in names}
     positions = layer_positions(model, example, names) if example is not None else None
     decisions: dict[str, LayerDecision] = {}
