@@ -67,6 +67,7 @@ RUNS = [
     ("vgg19/prune_98", "vgg19_cifar10/prune_98.yaml", None),
     ("vgg19/prune_98 ModelPruning", "vgg19_cifar10/prune_98.yaml", "model_pruning"),
     ("vgg19/filter_prune", "vgg19_cifar10/filter_prune.yaml", None),
+    ("vgg19/slimming", "vgg19_cifar10/slimming.yaml", None),
     ("vgg19/qat_int8", "vgg19_cifar10/qat_int8.yaml", None),
     ("vgg19/qat_int8 torch.ao", "vgg19_cifar10/qat_int8.yaml", "torch_ao_qat"),
     ("vgg19/qat_w4a8", "vgg19_cifar10/qat_w4a8.yaml", None),
@@ -288,22 +289,22 @@ def run_one(name: str, recipe: str, peer: str | None, rows: dict, data_dir: str,
     return row
 
 
-def _load() -> dict:
-    return read_result(RESULTS_FILE) or {"runs": []}
+def _load(results: str | Path = RESULTS_FILE) -> dict:
+    return read_result(results) or {"runs": []}
 
 
-def _save(data: dict) -> None:
+def _save(data: dict, results: str | Path = RESULTS_FILE) -> None:
     baselines = {r["model"]: r for r in data["runs"] if r["name"].endswith("/baseline")}
     for r in data["runs"]:
         base = baselines.get(r["model"])
         if base:
             r["delta_points"] = round(100 * (r["accuracy"] - base["accuracy"]), 2)
             r["ratio_vs_fp32_state_dict"] = base["state_dict_bytes"] / r["file_bytes"]
-    write_result(RESULTS_FILE, data, indent=1)
+    write_result(results, data, indent=1)
 
 
 def run(args: argparse.Namespace) -> None:
-    data = _load()
+    data = _load(args.results)
     for legacy in ("device", "torch"):  # what "machine" replaced
         data.pop(legacy, None)
     data.update(machine=machine(), scale=__doc__.split("The CPU scale")[1].split("Run artifacts")[0].strip())
@@ -318,7 +319,7 @@ def run(args: argparse.Namespace) -> None:
         row = run_one(name, recipe, peer, done, data_dir, cache_dir)
         done[name] = row
         data["runs"] = [done[n] for n, _, _ in RUNS if n in done]
-        _save(data)
+        _save(data, args.results)
         print(json.dumps({k: v for k, v in row.items() if k != "layers"}), flush=True)
 
 
@@ -362,6 +363,8 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--data-dir", default=None)
     r.add_argument("--only", nargs="*", default=None, help="row-name prefixes, e.g. vgg19 or vgg19/tucker")
     r.add_argument("--force", action="store_true", help="rerun rows already in the results JSON")
+    r.add_argument("--results", default=str(RESULTS_FILE),
+                   help="the results JSON (another file: a partial run that leaves the README's table as it is)")
     lat = sub.add_parser("latency", help="batch-1 CPU latency of every artifact, taking turns")
     lat.add_argument("--threads", type=int, default=2)
     lat.add_argument("--repeats", type=int, default=100)

@@ -53,10 +53,15 @@ class IterativePruning(CompressionCallback):
             ``finalize``: the model becomes smaller and faster on dense hardware). Filter
             pruning needs plain chains (VGG); convolutions that feed residual adds, concatenations,
             channel shuffles or depthwise convolutions (MobileNetV2, ShuffleNetV2) are refused.
-        criterion: ``"magnitude"`` or ``"obd"``: Optimal Brain Damage saliency 1/2 h_ii w_i^2, with the
+        criterion: ``"magnitude"``, ``"obd"`` (Optimal Brain Damage saliency 1/2 h_ii w_i^2, with the
             Hessian diagonal h_ii estimated as the mean squared mini-batch gradient over the steps
             since the previous update (the empirical Fisher); an update waits until at least
-            ``obd_batches`` batches were seen.
+            ``obd_batches`` batches were seen) or ``"bn_scale"`` (network slimming, Liu et al. 2017;
+            ``structure="filter"``: channels ranked by ``|gamma|`` of the BatchNorm after each conv, trained
+            with an L1 penalty ``bn_penalty`` on those scales until the last mask change: ``start_epoch`` for
+            one-shot, else ``end_epoch``).
+        bn_penalty: the strength of that L1 penalty (Liu et al. use 1e-4 with SGD on CIFAR; Adam normalises
+            it with the rest of the gradient); 0 ranks the scales as they are.
         targets: module-name globs relative to the network (``"features.*"``); default every
             Conv1d/2d/3d and Linear (for ``"filter"``: every convolution that can be removed).
         rewind_epoch: lottery-ticket rewinding (Frankle et al. 2019): the weights at the start of
@@ -91,7 +96,8 @@ class IterativePruning(CompressionCallback):
         margin: float = 0.1,
         scope: Literal["layer", "global"] = "layer",
         structure: Literal["unstructured", "filter"] = "unstructured",
-        criterion: Literal["magnitude", "obd"] = "magnitude",
+        criterion: Literal["magnitude", "obd", "bn_scale"] = "magnitude",
+        bn_penalty: float = 1e-4,
         norm: Literal[1, 2] = 1,
         obd_batches: int = 16,
         targets: list[str] | None = None,
@@ -121,6 +127,10 @@ class IterativePruning(CompressionCallback):
             raise ValueError(f"norm={norm} is not supported; valid: 1 (L1), 2 (L2)")
         if margin < 0:
             raise ValueError(f"margin={margin} must be >= 0")
+        if criterion == "bn_scale" and structure != "filter":
+            raise ValueError(f"criterion='bn_scale' ranks whole channels: it needs structure='filter', got {structure!r}")
+        if not 0.0 <= bn_penalty < 1.0:
+            raise ValueError(f"bn_penalty={bn_penalty} must be in [0, 1)")
         if obd_batches < 1:
             raise ValueError(f"obd_batches={obd_batches} must be >= 1")
         if rewind_epoch is not None and not 0 <= rewind_epoch <= start_epoch:
@@ -135,6 +145,7 @@ class IterativePruning(CompressionCallback):
         self.structure = structure
         self.criterion = criterion
         self.norm = norm
+        self.bn_penalty = bn_penalty
         self.obd_batches = obd_batches
         self.rewind_epoch = rewind_epoch
         self.finalize = finalize
@@ -184,6 +195,10 @@ class IterativePruning(CompressionCallback):
                     f"structure='filter' found no convolution whose channels can be removed ({detail}). "
                     "Use structure='unstructured' for this model."
                 )
+        unnormed = [n for n in names if self.criterion == "bn_scale" and self._groups[n].norm is None]
+        if unnormed:
+            raise ValueError(f"criterion='bn_scale' ranks channels by the BatchNorm after each convolution; "
+                             f"{unnormed[:6]} have none. Target the convolutions that have one, or use criterion='magnitude'")
         if isinstance(self.sparsity, dict):
             names = [n for n in names if first_match(n, self.sparsity) is not None]
             if not names:
@@ -314,6 +329,9 @@ class IterativePruning(CompressionCallback):
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         self._pruner.before_optimizer_step()
+        last_change = self.schedule.start_epoch if self.schedule.kind == "one_shot" else self.schedule.end_epoch
+        if self.criterion == "bn_scale" and self.bn_penalty and trainer.current_epoch < last_change:
+            self._pruner.add_scale_penalty(self.bn_penalty)  # sparsity training; plain fine-tuning after
         if self.criterion != "obd":
             return
         if self.schedule.target(trainer.global_step + self.obd_batches, self._steps_per_epoch(trainer)) is None:

@@ -48,8 +48,9 @@ class Pruner:
         structure: ``"unstructured"`` or ``"filter"`` (whole output channels, their BatchNorm channels
             zeroed in the forward, removed by :meth:`finalize`); ``groups`` then gives each conv's
             channel group (``find_channel_groups``).
-        criterion: ``"magnitude"`` or ``"obd"`` (saliency from the squared gradients accumulated by
-            :meth:`accumulate_saliency`).
+        criterion: ``"magnitude"``, ``"obd"`` (saliency from the squared gradients accumulated by
+            :meth:`accumulate_saliency`) or ``"bn_scale"`` (filters only: ``|gamma|`` of the BatchNorm after
+            each conv, network slimming; :meth:`add_scale_penalty` is its sparsity training).
         norm: 1 or 2, the filter norm of ``structure="filter"``.
         rehabilitation: Dynamic Network Surgery: a straight-through forward, so pruned weights keep
             learning, and masks recomputed with hysteresis ``margin``. Without it, pruned weights are
@@ -141,8 +142,10 @@ class Pruner:
             hessian = layer.weight_grad_sq / max(1, self.saliency_batches) if self.criterion == "obd" else None
             score = S.weight_scores(layer.weight, self.criterion, hessian)
             if self.structure == "filter":
-                score = S.filter_scores(score, layer.weight, self.criterion, self.norm)
-                if self.scope == "global":  # filters of different fan-in: compare per-weight means
+                scale = self.norm_layer(name).weight if self.criterion == "bn_scale" else None
+                score = S.filter_scores(score, layer.weight, self.criterion, self.norm, scale)
+                if self.scope == "global" and self.criterion != "bn_scale":
+                    # filters of different fan-in: compare per-weight means (BatchNorm scales compare as they are)
                     score = score / layer.weight[0].numel()
                 kept = None if first else layer.weight_mask.flatten(1).any(1)
             else:
@@ -168,6 +171,23 @@ class Pruner:
             for layer in layers.values():
                 layer.weight_grad_sq.zero_()
             self.saliency_batches = 0
+
+    def norm_layer(self, name: str) -> nn.Module:
+        """The BatchNorm after conv ``name`` (``structure="filter"``), whose scales network slimming ranks."""
+        norm = self.groups[name].norm
+        if norm is None:
+            raise ValueError(f"{name}: criterion='bn_scale' needs a BatchNorm right after the convolution; it has none")
+        return self.root.get_submodule(norm)
+
+    @torch.no_grad()
+    def add_scale_penalty(self, strength: float) -> None:
+        """Network slimming's sparsity training: the subgradient of ``strength * sum |gamma|`` over the
+        BatchNorm scales after the pruned convolutions, added to their gradients (before the step), so that
+        unimportant channels' scales are driven towards zero and rank last."""
+        for name in self.names:
+            gamma = self.norm_layer(name).weight
+            if gamma.grad is not None:
+                gamma.grad.add_(torch.sign(gamma), alpha=strength)
 
     def sparsity(self) -> float:
         """Fraction of the targeted weights that are masked now."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-CRITERIA = ("magnitude", "obd")
+CRITERIA = ("magnitude", "obd", "bn_scale")
 STRUCTURES = ("unstructured", "filter")
 SCOPES = ("layer", "global")
 
@@ -25,6 +25,8 @@ def weight_scores(weight: torch.Tensor, criterion: str, hessian_diag: torch.Tens
     weight = weight.detach().float()
     if criterion == "magnitude":
         return weight.abs()
+    if criterion == "bn_scale":  # scored per channel by its BatchNorm scale (filter_scores), not per weight
+        return weight.abs()
     if criterion == "obd":
         if hessian_diag is None:
             raise ValueError("criterion='obd' needs the Hessian diagonal estimate")
@@ -32,8 +34,14 @@ def weight_scores(weight: torch.Tensor, criterion: str, hessian_diag: torch.Tens
     raise ValueError(f"criterion={criterion!r} is not known; valid: {', '.join(map(repr, CRITERIA))}")
 
 
-def filter_scores(scores: torch.Tensor, weight: torch.Tensor, criterion: str, norm: int) -> torch.Tensor:
-    """One score per output channel: the filter's L1 / L2 norm, or its summed OBD saliency."""
+def filter_scores(scores: torch.Tensor, weight: torch.Tensor, criterion: str, norm: int,
+                  norm_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """One score per output channel: the filter's L1 / L2 norm, its summed OBD saliency, or (network
+    slimming, Liu et al. 2017) ``|gamma|`` of the BatchNorm that follows it (``norm_scale``)."""
+    if criterion == "bn_scale":
+        if norm_scale is None:
+            raise ValueError("criterion='bn_scale' needs the scale (weight) of the BatchNorm after the convolution")
+        return norm_scale.detach().float().abs()
     if criterion == "obd":
         return scores.flatten(1).sum(1)
     flat = weight.detach().float().flatten(1)
