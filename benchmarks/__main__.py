@@ -20,6 +20,7 @@ BENCHMARKS = {
     "deep-compression": ("deep_compression", "prune -> share -> packed file on the proxy"),
     "packed-vgg19": ("packed_vgg19", "k-means, packed-file save / load times and size on VGG19"),
     "data-pipeline": ("data_pipeline", "CIFAR10DataModule throughput vs plain indexing and per-image transforms"),
+    "executorch-latency": ("executorch_latency", "ExecuTorch int8 (XNNPACK) vs ONNX Runtime int8 / fp32, batch 1 (edge extra)"),
     "recipes": ("recipes", "run | latency: every recipe of recipes/ at CPU-proxy scale, beside its peers"),
     "report": ("report", "write the README's generated tables (frontier, recipes) and their plots"),
 }

@@ -59,6 +59,10 @@ class QuantizationAwareTraining(CompressionCallback):
             weight scales and activation ranges imposed; ONNX Runtime calibrates the rest on
             ``calibration_batches`` training batches); a relative path is under the Trainer's log
             directory. Needs the ``export`` extra (onnx, onnxruntime).
+        export_executorch: path of an int8 ExecuTorch program (``.pte``, XNNPACK backend) written at fit
+            end on rank 0, with the same weights and ranges imposed (PT2E calibrates the rest on
+            ``calibration_batches`` training batches); a relative path is under the Trainer's log
+            directory. Needs the ``edge`` extra (executorch).
 
     Example:
         >>> import lightning.pytorch as pl
@@ -91,6 +95,7 @@ class QuantizationAwareTraining(CompressionCallback):
         targets: list[str] | None = None,
         finalize: bool = True,
         export: str | None = None,
+        export_executorch: str | None = None,
     ) -> None:
         check_bits("weight_bits", weight_bits)
         check_bits("activation_bits", activation_bits, allow_none=True)
@@ -138,8 +143,15 @@ class QuantizationAwareTraining(CompressionCallback):
                                    or (activation_bits is not None and activation_bits > 8)):
             raise ValueError(f"export needs 2..8-bit affine or symmetric weights and activations (an int8 ONNX file); "
                              f"got scheme={scheme!r}, weight_bits={weight_bits}, activation_bits={activation_bits}")
+        if export_executorch is not None and (scheme in ("fixed_point", "binary") or weight_bits > 8
+                                              or (activation_bits is not None and activation_bits > 8)):
+            raise ValueError(f"export_executorch needs 2..8-bit affine or symmetric weights and activations (an int8 "
+                             f"ExecuTorch program); got scheme={scheme!r}, weight_bits={weight_bits}, "
+                             f"activation_bits={activation_bits}")
         self.export = export
+        self.export_executorch = export_executorch
         self.artifact = None  # OnnxExport of the file written at fit end
+        self.executorch_artifact = None  # ExecutorchExport of the program written at fit end
         self.calibrated = False  # checkpointed (PTQ)
         self.enabled = False  # fake quantization was on at some step of this fit
 
@@ -237,8 +249,11 @@ class QuantizationAwareTraining(CompressionCallback):
             rank_zero_warn(f"QuantizationAwareTraining never fake-quantized in this fit (start_epoch={self.start_epoch}, "
                            f"fit ran {trainer.current_epoch} epochs): the model trained in floating point")
         path = artifact_path(trainer, self.export)  # on every process: the log directory is broadcast
+        edge_path = artifact_path(trainer, self.export_executorch)
         if path is not None and trainer.global_rank == 0:
             self._export(trainer, pl_module, path)
+        if edge_path is not None and trainer.global_rank == 0:
+            self._export_executorch(trainer, pl_module, edge_path)
         if self.finalize:
             for layer in self.layers.values():
                 bake_quantized_weight(layer)
@@ -260,6 +275,20 @@ class QuantizationAwareTraining(CompressionCallback):
             trainer.logger.log_metrics({"quantization/onnx_int8_bytes": float(s.int8_bytes),
                                         "quantization/onnx_fp32_bytes": float(s.fp32_bytes)}, step=trainer.global_step)
 
+    def _export_executorch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, path: Path) -> None:
+        from ..methods.quantization.executorch_export import export_executorch
+
+        loader = trainer.datamodule.train_dataloader() if trainer.datamodule is not None else trainer.train_dataloader
+        batches = [batch_inputs(trainer.strategy.batch_to_device(batch)).cpu()
+                   for batch in islice(loader, self.calibration_batches)]
+        with detached(pl_module), working(f"QuantizationAwareTraining: exporting an int8 ExecuTorch program, PT2E "
+                                          f"calibrating on {len(batches)} batches"):
+            self.executorch_artifact = s = export_executorch(compressible_root(pl_module), path, batches)
+        rank_zero_info(f"QuantizationAwareTraining: wrote {s.path} ({s.bytes:,} bytes; fp32 parameters "
+                       f"{s.fp32_parameter_bytes:,}, {s.compression_ratio:.2f}x)")
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({"quantization/executorch_bytes": float(s.bytes)}, step=trainer.global_step)
+
     @property
     @override
     def summary(self) -> dict[str, Any]:
@@ -273,6 +302,9 @@ class QuantizationAwareTraining(CompressionCallback):
             "artifact": None if self.artifact is None else {
                 "path": str(self.artifact.path), "bytes": self.artifact.int8_bytes,
                 "fp32_onnx_bytes": self.artifact.fp32_bytes, "quantized_layers": self.artifact.quantized_layers},
+            "executorch_artifact": None if self.executorch_artifact is None else {
+                "path": str(self.executorch_artifact.path), "bytes": self.executorch_artifact.bytes,
+                "quantized_layers": self.executorch_artifact.quantized_layers},
         }
 
     @override
