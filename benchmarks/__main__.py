@@ -14,7 +14,7 @@ BENCHMARKS = {
     "proxy": ("proxy", "train the CPU proxy baseline (quarter-width VGG11-BN) the proxy benchmarks start from"),
     "pruning": ("pruning", "overhead | accuracy | filter-latency: IterativePruning vs Lightning ModelPruning"),
     "quantization": ("quantization", "step-time | accuracy | onnx-latency: QAT vs torch.ao and ORT quantize_static"),
-    "decomposition": ("decomposition", "our Tucker rank allocation vs TensorLy energy ranks on the proxy"),
+    "decomposition": ("decomposition", "our Tucker rank allocation vs TensorLy energy ranks on the proxy; flattened-vs-cp, TT vs Tucker on digits"),
     "decomposition-vgg19": ("decomposition_vgg19", "train | speed: Tucker VGG19 accuracy, step time (GPU), CPU latency"),
     "layer-profile": ("layer_profile", "per-layer training time of dense vs factorized VGG19 blocks"),
     "deep-compression": ("deep_compression", "prune -> share -> packed file on the proxy"),
