@@ -4,6 +4,7 @@ proxy model, and ONNX Runtime int8 latency against fp32 and against ONNX Runtime
     python -m benchmarks quantization step-time     # vgg_proxy, fp32 vs ours vs torch.ao FX QAT
     python -m benchmarks quantization accuracy      # from checkpoints/proxy/baseline.ckpt
     python -m benchmarks quantization onnx-latency  # VGG19-BN and MobileNetV2, batch 1 and 32
+    python -m benchmarks quantization onnx-models   # every recipe's model, int8 vs fp32, batch 1
 
 Each writes ``benchmarks/results/quantization_<name>.json``; ratios are within one run.
 """
@@ -198,6 +199,81 @@ def onnx_latency(args) -> None:
                                          "runs": rows})
 
 
+def _exact_session(path: Path):
+    """The int8 arithmetic the file describes: x86 CPUs without VNNI otherwise saturate u8 x s8 sums at 16 bits."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.x64quantprecision", "1")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _float_islands(counts_path: Path) -> dict[str, int]:
+    """Where the int8 graph ONNX Runtime runs leaves int8: what each DequantizeLinear of an activation feeds."""
+    import onnx
+
+    graph = onnx.load(str(counts_path)).graph
+    initializers = {init.name for init in graph.initializer}
+    readers: dict[str, list[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node.op_type)
+    islands: dict[str, int] = {}
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] not in initializers:
+            for op in readers.get(node.output[0], ["graph output"]):
+                islands[op] = islands.get(op, 0) + 1
+    return dict(sorted(islands.items()))
+
+
+def onnx_models(args) -> None:
+    """Each recipe's model (random weights: latency only), fake-quantized and calibrated as in onnx-latency,
+    written as fp32 ONNX (as exported, and with its shape arithmetic folded as the int8 export folds it)
+    and as our int8 file; the three sessions take turns call by call, batch 1."""
+    from lightning_compress.methods.quantization.onnx_shapes import fold_shapes
+    import onnx
+
+    torch.set_num_threads(args.threads)
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        for name in args.models:
+            torch.manual_seed(0)
+            model = create_model(name, num_classes=10).eval()
+            calibration = [torch.randn(16, 3, 32, 32) for _ in range(4)]
+            files = {k: folder / f"{name}_{k}.onnx" for k in ("fp32", "fp32_shapes_folded", "int8")}
+            export_fp32(model, files["fp32"])
+            folded = onnx.load(str(files["fp32"]))
+            fold_shapes(folded, calibration[0][:1].numpy())
+            onnx.save(folded, str(files["fp32_shapes_folded"]))
+            quantized = copy.deepcopy(model)
+            for layer in quantized.modules():
+                if type(layer) in (torch.nn.Conv2d, torch.nn.Linear):
+                    quantize_layer(layer, Format(8, "symmetric"), Format(8, "affine"))
+            calibrate(quantized, [(b, None) for b in calibration])
+            start = time.perf_counter()
+            export_onnx(quantized, files["int8"], calibration)
+            export_seconds = time.perf_counter() - start
+            ops = {k: _op_counts(p) for k, p in files.items()}
+            islands = _float_islands(files["int8"].with_suffix(".optimized.onnx"))
+            x = torch.randn(8, 3, 32, 32)
+            with torch.no_grad():
+                expected = quantized(x)
+            got = torch.from_numpy(_exact_session(files["int8"]).run(None, {"input": x.numpy()})[0])
+            sessions = {k: ort_session(p, args.threads, spinning=args.spinning) for k, p in files.items()}
+            one = x[:1].numpy()
+            seconds = median_seconds({k: (lambda s=s: s.run(None, {"input": one})) for k, s in sessions.items()},
+                                     args.repeats)
+            rows.append({"model": name, "batch": 1, "seconds": seconds,
+                         "int8_speedup": {k: seconds[k] / seconds["int8"] for k in ("fp32", "fp32_shapes_folded")},
+                         "ops": ops, "int8_dequantize_readers": islands, "export_seconds": export_seconds,
+                         "int8_vs_fake_quant_rel_error": float((got - expected).abs().mean() / expected.abs().mean()),
+                         "bytes": {k: p.stat().st_size for k, p in files.items()}})
+            print(json.dumps(rows[-1]), flush=True)
+    _write("quantization_onnx_models", {"machine": machine(), "threads": args.threads, "repeats": args.repeats,
+                                        "spinning": args.spinning, "runs": rows})
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = parser("quantization", __doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -214,8 +290,16 @@ def main(argv: list[str] | None = None) -> None:
     o.add_argument("--models", nargs="+", default=["vgg19_bn", "mobilenet_v2"])
     o.add_argument("--threads", type=int, default=2)
     o.add_argument("--repeats", type=int, default=200)
+    m = sub.add_parser("onnx-models")
+    m.add_argument("--models", nargs="+", default=["squeezenet1_1", "shufflenet_v2_x1_0", "mobilenet_v2", "vgg19_bn",
+                                                   "xception"])
+    m.add_argument("--threads", type=int, default=2)
+    m.add_argument("--repeats", type=int, default=300)
+    # As the recipes' latency: without spinning, ONNX Runtime's idle threads do not take the shared cores.
+    m.add_argument("--spinning", action="store_true")
     args = ap.parse_args(argv)
-    {"step-time": step_time, "accuracy": accuracy, "onnx-latency": onnx_latency}[args.command](args)
+    {"step-time": step_time, "accuracy": accuracy, "onnx-latency": onnx_latency,
+     "onnx-models": onnx_models}[args.command](args)
 
 
 if __name__ == "__main__":

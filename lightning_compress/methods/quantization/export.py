@@ -294,7 +294,7 @@ def export_onnx(
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    from . import onnx_graph
+    from . import onnx_concat, onnx_graph, onnx_shapes
 
     path = Path(path)
     model = copy.deepcopy(model).cpu().float().eval()
@@ -346,6 +346,7 @@ def export_onnx(
     onnx_graph.name_nodes(graph_model)
     sites = onnx_graph.locate(graph_model, calls, expected)
     onnx_graph.strip_markers(graph_model, sites, weights)
+    onnx_shapes.fold_shapes(graph_model, batches[0][:1].numpy())
     ranges = {n: (*e.input_range, signed[n]) for n, e in expected.items() if e.input_range is not None}
     activations = onnx_graph.input_overrides(graph_model, sites, ranges)
     fp32_bytes = graph_model.ByteSize()
@@ -359,6 +360,7 @@ def export_onnx(
         overrides[tensor] = [{"scale": np.array(scale, dtype=np.float32),
                               "zero_point": np.array(zero_point, dtype=np.int8 if sym else np.uint8),
                               "quant_type": QuantType.QInt8 if sym else QuantType.QUInt8}]
+    onnx_concat.share_concat_ranges(graph_model, sites, overrides, batches)
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
