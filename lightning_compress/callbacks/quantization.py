@@ -258,13 +258,17 @@ class QuantizationAwareTraining(CompressionCallback):
             for layer in self.layers.values():
                 bake_quantized_weight(layer)
 
+    def _calibration_inputs(self, trainer: pl.Trainer) -> list:
+        """The first ``calibration_batches`` training inputs, on the CPU, as the model sees them."""
+        loader = trainer.datamodule.train_dataloader() if trainer.datamodule is not None else trainer.train_dataloader
+        # batch_to_device applies the data module's on_after_batch_transfer (normalisation, for one).
+        return [batch_inputs(trainer.strategy.batch_to_device(batch)).cpu()
+                for batch in islice(loader, self.calibration_batches)]
+
     def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule, path: Path) -> None:
         from ..methods.quantization.export import export_onnx
 
-        loader = trainer.datamodule.train_dataloader() if trainer.datamodule is not None else trainer.train_dataloader
-        # batch_to_device applies the data module's on_after_batch_transfer (normalisation, for one).
-        batches = [batch_inputs(trainer.strategy.batch_to_device(batch)).cpu()
-                   for batch in islice(loader, self.calibration_batches)]
+        batches = self._calibration_inputs(trainer)
         with detached(pl_module), working(f"QuantizationAwareTraining: exporting int8 ONNX, ONNX Runtime calibrating "
                                           f"on {len(batches)} batches"):
             self.artifact = export_onnx(compressible_root(pl_module), path, batches)
@@ -278,9 +282,7 @@ class QuantizationAwareTraining(CompressionCallback):
     def _export_executorch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, path: Path) -> None:
         from ..methods.quantization.executorch_export import export_executorch
 
-        loader = trainer.datamodule.train_dataloader() if trainer.datamodule is not None else trainer.train_dataloader
-        batches = [batch_inputs(trainer.strategy.batch_to_device(batch)).cpu()
-                   for batch in islice(loader, self.calibration_batches)]
+        batches = self._calibration_inputs(trainer)
         with detached(pl_module), working(f"QuantizationAwareTraining: exporting an int8 ExecuTorch program, PT2E "
                                           f"calibrating on {len(batches)} batches"):
             self.executorch_artifact = s = export_executorch(compressible_root(pl_module), path, batches)

@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from ..pruning.masks import is_masked, remove_mask
-from .export import _CONVS, _drop_compiled_forward, fold_batchnorm
+from .export import CONVS, drop_compiled_forward, fold_batchnorm
 from .layers import dequantize_layer, is_quantized
 
 _COMPUTE = ("aten.conv1d.default", "aten.conv2d.default", "aten.convolution.default", "aten.linear.default")
@@ -176,7 +176,7 @@ def export_executorch(model: nn.Module, path: str | Path, calibration: Iterable[
     """
     path = Path(path)
     model = copy.deepcopy(model).cpu().float().eval()
-    _drop_compiled_forward(model)
+    drop_compiled_forward(model)
     layers = {name: m for name, m in model.named_modules() if is_quantized(m)}
     if not layers:
         raise ValueError("the model has no quantized layer to export")
@@ -203,7 +203,7 @@ def export_executorch(model: nn.Module, path: str | Path, calibration: Iterable[
             remove_mask(layer, fold=True)  # pruned weights are zeros of the int8 tensor
         dequantize_layer(layer)  # a plain layer with the fake-quantized weight baked in
     fp32_bytes = sum(t.numel() * 4 for t in [*model.parameters(), *model.buffers()] if t.is_floating_point())
-    plain_layers = {name for name, m in model.named_modules() if isinstance(m, (*_CONVS, nn.Linear))} - set(layers)
+    plain_layers = {name for name, m in model.named_modules() if isinstance(m, (*CONVS, nn.Linear))} - set(layers)
 
     example = batches[0][:1]
     # MultiheadAttention's fused inference kernel is not exportable; its regular path computes the same.

@@ -60,7 +60,7 @@ from ..pruning.masks import is_masked, remove_mask
 from .layers import dequantize_layer, is_quantized
 
 
-_CONVS = (nn.Conv1d, nn.Conv2d)
+CONVS = (nn.Conv1d, nn.Conv2d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
@@ -85,7 +85,7 @@ def _last_conv(module: nn.Module) -> nn.Module | None:
     """The convolution whose output leaves ``module``: itself, or the last stage of a chain (a factorized layer)."""
     while isinstance(module, nn.Sequential) and len(module):
         module = module[-1]
-    return module if isinstance(module, _CONVS) else None
+    return module if isinstance(module, CONVS) else None
 
 
 class _LayerTracer(fx.Tracer):
@@ -193,7 +193,7 @@ def _marked_forward(layer: nn.Module, name: str, weight_scale: torch.Tensor, inp
         if input_range is not None:
             low, high = (-128, 127) if signed_input else (0, 255)
             x = torch.fake_quantize_per_tensor_affine(x, input_range[0], input_range[1], low, high)
-        if isinstance(layer, _CONVS):
+        if isinstance(layer, CONVS):
             return layer._conv_forward(x, weight(layer.weight, 0), layer.bias)
         if x.dim() == 2:
             return F.linear(x, weight(layer.weight, 0), layer.bias)
@@ -217,7 +217,7 @@ def _fails_to_run(path: Path, batch: torch.Tensor) -> str | None:
     return None
 
 
-def _drop_compiled_forward(model: nn.Module) -> None:
+def drop_compiled_forward(model: nn.Module) -> None:
     """A ``torch.compile``d forward set on the instance (Lightning does so for ``fit(torch.compile(module))``)
     cannot be traced by the exporter, and in a deep copy it still calls the original module: the copy
     goes back to its class's forward."""
@@ -257,7 +257,7 @@ def export_fp32_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, 
     what an int8 file is compared with, in the same runtime."""
     path = Path(path)
     model = copy.deepcopy(model).cpu().float().eval()
-    _drop_compiled_forward(model)
+    drop_compiled_forward(model)
     for layer in list(model.modules()):
         dequantize_layer(layer)
         if is_masked(layer):
@@ -298,7 +298,7 @@ def export_onnx(
 
     path = Path(path)
     model = copy.deepcopy(model).cpu().float().eval()
-    _drop_compiled_forward(model)
+    drop_compiled_forward(model)
     layers = {name: m for name, m in model.named_modules() if is_quantized(m)}
     if not layers:
         raise ValueError("the model has no quantized layer to export")
@@ -324,7 +324,7 @@ def export_onnx(
             remove_mask(layer, fold=True)  # pruned weights are zeros of the int8 tensor
         # A plain layer with the fake-quantized weight baked in: the markers are its quantization now.
         dequantize_layer(layer)
-        expected[name] = onnx_graph.Expected("conv" if isinstance(layer, _CONVS) else "linear",
+        expected[name] = onnx_graph.Expected("conv" if isinstance(layer, CONVS) else "linear",
                                              scale.numpy().copy(), input_range)
         weights[name] = layer.weight.detach().numpy().copy()
         layer.forward = _marked_forward(layer, name, scale, input_range, signed[name], calls)
