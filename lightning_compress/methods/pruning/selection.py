@@ -13,6 +13,8 @@ sparsity stays exactly on schedule.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 CRITERIA = ("magnitude", "obd", "bn_scale")
@@ -74,11 +76,12 @@ def layer_keep(scores: dict[str, torch.Tensor], sparsity: dict[str, float]) -> d
     return {name: keep_top(s, n_keep_for(s.numel(), sparsity[name])) for name, s in scores.items()}
 
 
-def global_keep(scores: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
+def global_keep(scores: dict[str, torch.Tensor], sparsity: float, floor: float = 0.0) -> dict[str, torch.Tensor]:
     """One ranking over all layers: the top ``1 - sparsity`` fraction of all entries is kept.
 
     Scores must be comparable across layers (raw magnitudes are, as in Han et al.; filter norms are
-    normalised by the caller).
+    normalised by the caller). ``floor``: every layer keeps at least that fraction of its entries (its
+    best ones), so that one ranking cannot cut a layer down to a bottleneck.
     """
     names = list(scores)
     flat = torch.cat([scores[n].reshape(-1) for n in names])
@@ -87,8 +90,9 @@ def global_keep(scores: dict[str, torch.Tensor], sparsity: float) -> dict[str, t
     for name in names:
         size = scores[name].numel()
         out[name] = keep[offset : offset + size].view(scores[name].shape)
-        if not out[name].any():  # never cut a layer off entirely: keep its best entry
-            out[name] = keep_top(scores[name], 1)
+        least = max(1, math.ceil(floor * size))  # never cut a layer off entirely
+        if int(out[name].sum()) < least:
+            out[name] = keep_top(scores[name], least)
         offset += size
     return out
 
