@@ -44,7 +44,6 @@ Needs the ``edge`` extra (executorch, which brings torchao).
 
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,8 +53,8 @@ import torch
 from torch import nn
 
 from ..pruning.masks import is_masked, remove_mask
-from .export import CONVS, drop_compiled_forward, fold_batchnorm
-from .layers import dequantize_layer, is_quantized
+from .export import CONVS, export_copy, fold_batchnorm
+from .layers import dequantize_layer
 
 _COMPUTE = ("aten.conv1d.default", "aten.conv2d.default", "aten.convolution.default", "aten.linear.default")
 # Shared-parameter ops through which clipping does not commute (an average of clipped values is not the
@@ -125,14 +124,6 @@ def _fixed_observer_class(base: type) -> type:
     return _FixedQParams
 
 
-def _check_formats(layers: dict[str, nn.Module]) -> None:
-    for name, layer in layers.items():
-        for what, fmt in (("weights", layer.weight_format), ("activations", layer.activation_format)):
-            if fmt is not None and (fmt.scheme not in ("symmetric", "affine") or fmt.bits > 8):
-                raise ValueError(f"{name}: {fmt.scheme} {fmt.bits}-bit {what} have no XNNPACK int8 form; "
-                                 "export_executorch supports 2..8-bit affine / symmetric")
-
-
 def _input_qparams(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The layer's learned input range as int8 ``(scale, zero point)``, None when it has none."""
     fmt = layer.activation_format
@@ -175,15 +166,7 @@ def export_executorch(model: nn.Module, path: str | Path, calibration: Iterable[
     op that XNNPACK did not take, raises ``ValueError``.
     """
     path = Path(path)
-    model = copy.deepcopy(model).cpu().float().eval()
-    drop_compiled_forward(model)
-    layers = {name: m for name, m in model.named_modules() if is_quantized(m)}
-    if not layers:
-        raise ValueError("the model has no quantized layer to export")
-    _check_formats(layers)
-    batches = [b.detach().cpu().float() for b in calibration]
-    if not batches:
-        raise ValueError("export_executorch needs at least one calibration batch")
+    model, layers, batches = export_copy(model, calibration, "XNNPACK", "export_executorch")
     (XnnpackPartitioner, XNNPACKQuantizer, get_symmetric_quantization_config, to_edge_transform_and_lower,
      ObserverBase, convert_pt2e, prepare_pt2e) = _edge_imports()
     from executorch.runtime import Runtime

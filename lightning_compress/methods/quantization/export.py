@@ -244,12 +244,26 @@ def _shape_inference(model):
         return onnx.load(str(target))
 
 
-def _check_formats(layers: dict[str, nn.Module]) -> None:
+def export_copy(model: nn.Module, calibration: Iterable[torch.Tensor], runtime: str,
+                caller: str) -> tuple[nn.Module, dict[str, nn.Module], list[torch.Tensor]]:
+    """What every int8 export starts from: a float CPU copy of ``model`` in eval mode (the trained
+    module stays as it is), its quantized layers, and the calibration batches on the CPU. A layer whose
+    format has no int8 form in ``runtime``, no quantized layer or no batch is a ValueError that names
+    the ``caller``."""
+    model = copy.deepcopy(model).cpu().float().eval()
+    drop_compiled_forward(model)
+    layers = {name: m for name, m in model.named_modules() if is_quantized(m)}
+    if not layers:
+        raise ValueError("the model has no quantized layer to export")
     for name, layer in layers.items():
         for what, fmt in (("weights", layer.weight_format), ("activations", layer.activation_format)):
             if fmt is not None and (fmt.scheme not in ("symmetric", "affine") or fmt.bits > 8):
-                raise ValueError(f"{name}: {fmt.scheme} {fmt.bits}-bit {what} have no ONNX int8 form; "
-                                 "export supports 2..8-bit affine / symmetric")
+                raise ValueError(f"{name}: {fmt.scheme} {fmt.bits}-bit {what} have no {runtime} int8 form; "
+                                 f"{caller} supports 2..8-bit affine / symmetric")
+    batches = [b.detach().cpu().float() for b in calibration]
+    if not batches:
+        raise ValueError(f"{caller} needs at least one calibration batch")
+    return model, layers, batches
 
 
 def export_fp32_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, opset: int = 17) -> Path:
@@ -297,16 +311,8 @@ def export_onnx(
     from . import onnx_concat, onnx_graph, onnx_shapes
 
     path = Path(path)
-    model = copy.deepcopy(model).cpu().float().eval()
-    drop_compiled_forward(model)
-    layers = {name: m for name, m in model.named_modules() if is_quantized(m)}
-    if not layers:
-        raise ValueError("the model has no quantized layer to export")
-    _check_formats(layers)
+    model, layers, batches = export_copy(model, calibration, "ONNX", "export_onnx")
     fold_batchnorm(model)
-    batches = [b.detach().cpu().float() for b in calibration]
-    if not batches:
-        raise ValueError("export_onnx needs at least one calibration batch")
 
     expected: dict[str, onnx_graph.Expected] = {}
     weights: dict[str, np.ndarray] = {}
