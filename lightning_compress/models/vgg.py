@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torchvision.models.vgg import cfgs, make_layers
 
+from .init import init_like_torchvision
 from .registry import register_model
 
 
@@ -23,26 +24,11 @@ class CifarVGG(nn.Module):
         self.features = features
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(num_features, num_classes)
-        _init_weights(self)
+        init_like_torchvision(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.avgpool(self.features(x))
         return self.classifier(torch.flatten(x, 1))
-
-
-def _init_weights(model: nn.Module) -> None:
-    # torchvision's VGG initialisation (Kaiming fan-out for convs), which make_layers does not apply.
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0, 0.01)
-            nn.init.zeros_(m.bias)
 
 
 def build_vgg(cfg: list, num_classes: int, batch_norm: bool = True, width: float = 1.0) -> CifarVGG:

@@ -24,6 +24,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from .init import init_like_torchvision
 from .registry import register_model
 
 # Output channels of the separable convs of each block, and the block's stride (Chollet's Figure 5,
@@ -118,25 +119,11 @@ class CifarXception(nn.Module):
         ))  # fmt: skip
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(channels, num_classes)
-        _init_weights(self)
+        init_like_torchvision(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.avgpool(self.features(x))
         return self.classifier(torch.flatten(x, 1))
-
-
-def _init_weights(model: nn.Module) -> None:
-    # PyTorch's default conv init (Kaiming uniform with a=sqrt(5)) under-scales deep separable stacks;
-    # the fan-out Kaiming init of torchvision's MobileNetV2 / VGG trains them from scratch.
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0, 0.01)
-            nn.init.zeros_(m.bias)
 
 
 @register_model
