@@ -169,6 +169,23 @@ CONFIGS = {
     "composed": Config(_composed, _check_composed),
 }
 
+def _slim(network, tmp, targets=None):
+    return [IterativePruning(sparsity=0.5, schedule="one_shot", start_epoch=0, structure="filter",
+                             criterion="bn_scale", scope="global", bn_penalty=1e-3)]
+
+
+def _check_slimmed(module: nn.Module, callbacks: list[Callback], final: bool) -> None:
+    """Half of the channels go: masked during the fit, removed from the convolutions at its end."""
+    convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+    alive = [int(c.weight_mask.flatten(1).any(1).sum()) if hasattr(c, "weight_mask") else c.out_channels for c in convs]
+    assert sum(alive) <= 0.6 * (16 + 32), alive
+    if final:
+        assert [c.out_channels for c in convs] == alive and not any(hasattr(c, "weight_mask") for c in convs)
+
+
+# Configurations run on one network of the matrix only (name -> (network, config)).
+EXTRA = {"slim": ("small_cnn", Config(_slim, _check_slimmed))}
+
 # Cells refused in setup, and the words the refusal must contain (the layer or reason, and the fix).
 REFUSED: dict[tuple[str, str], tuple[str, ...]] = {}
 
@@ -220,7 +237,7 @@ def _check_artifacts(module: pl.LightningModule, callbacks: list[Callback], netw
 
 
 def run_chain(network: str, name: str, tmp, targets=None) -> None:
-    config = CONFIGS[name]
+    config = CONFIGS[name] if name in CONFIGS else EXTRA[name][1]
     train, val = loader(network), loader(network, batches=2, seed=1)
     make = lambda: config.make(network, tmp, targets) if targets is not None else config.make(network, tmp)  # noqa: E731
 
@@ -282,3 +299,8 @@ def test_every_entry_point(network, name, tmp_path):
 @pytest.mark.parametrize("network, name", list(TARGETS))
 def test_every_entry_point_with_explicit_targets(network, name, tmp_path):
     run_chain(network, name, tmp_path, targets=TARGETS[(network, name)])
+
+
+@pytest.mark.parametrize("name", list(EXTRA))
+def test_every_entry_point_of_a_configuration_for_one_network(name, tmp_path):
+    run_chain(EXTRA[name][0], name, tmp_path)
