@@ -20,6 +20,7 @@ from torch import nn
 
 from ..distributed import broadcast_
 from .kmeans import kmeans_1d
+from .product import remove_product_buffers
 
 
 def is_shared(module: nn.Module) -> bool:
@@ -100,9 +101,11 @@ def sync_to_codebook(module: nn.Module) -> None:
 
 
 def remove_codebook_buffers(module: nn.Module) -> None:
-    """Drop the sharing buffers; the weights already hold the shared values."""
+    """Drop the sharing buffers, scalar or product-quantized (:mod:`.product`); the weights already hold
+    the shared values."""
     module._buffers.pop("weight_code", None)
     module._buffers.pop("weight_codebook", None)
+    remove_product_buffers(module)
 
 
 def codebook_stats(module: nn.Module) -> dict:

@@ -1,4 +1,5 @@
-"""One-dimensional k-means for weight sharing (Deep Compression's codebooks).
+"""k-means for weight sharing: one-dimensional (Deep Compression's codebooks) and of sub-vectors
+(product quantization, :func:`kmeans_vectors`).
 
 In one dimension the clusters of Lloyd's algorithm are intervals of the sorted values, bounded by
 the midpoints between neighbouring centroids. So the values are sorted once, and each iteration
@@ -75,3 +76,79 @@ def kmeans_1d(
     if len(centroids) < k:  # fewer values than centroids: pad with the last one (never referenced)
         out[len(centroids) :] = out[len(centroids) - 1]
     return out, labels.view(values.shape)
+
+
+def kmeans_vectors(
+    points: torch.Tensor, k: int, iters: int = 50, seed: int = 0, chunk_elements: int = 1 << 24
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cluster each of ``B`` independent sets of ``n`` points in ``d`` dimensions into ``k`` centroids.
+
+    ``points`` is ``(B, n, d)`` (product quantization: ``B`` sub-spaces, the ``n`` rows' sub-vectors
+    in each). Lloyd's algorithm from a k-means++ seeding (Arthur and Vassilvitskii 2007), every set at
+    once. Distances are exact differences in float64, not the ``|x|^2 - 2xc + |c|^2`` expansion, and
+    the means are float64 sums: so when a set has at most ``k`` distinct points every point becomes
+    its own centroid, bit for bit. ``chunk_elements`` bounds the distance tensor of one step.
+
+    Returns ``(centroids, labels)``: ``(B, k, d)`` float32 (a centroid that lost all its members
+    keeps its last position; with fewer than ``k`` points the rest repeat the last one, never
+    referenced) and ``(B, n)`` int64.
+
+    Example:
+        >>> points = torch.tensor([[[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [5.0, 5.2]]])
+        >>> centroids, labels = kmeans_vectors(points, k=2)
+        >>> labels.tolist(), [[round(v, 3) for v in c] for c in centroids[0].tolist()]
+        ([[0, 0, 1, 1]], [[0.05, 0.0], [5.0, 5.1]])
+    """
+    if k < 1:
+        raise ValueError(f"k={k} must be >= 1")
+    if points.ndim != 3:
+        raise ValueError(f"points of shape {tuple(points.shape)}; expected (sets, points, dims)")
+    sets, n, d = points.shape
+    x = points.detach().double()
+    if n == 0 or sets == 0:
+        return torch.zeros(sets, k, d, dtype=torch.float32, device=x.device), torch.zeros(sets, n, dtype=torch.long, device=x.device)
+    centroids = _seed_plus_plus(x.cpu(), min(k, n), seed).to(x.device)
+    step = max(1, chunk_elements // (n * centroids.shape[1] * d))
+    for _ in range(iters):
+        updated = _means(x, _nearest(x, centroids, step), centroids)
+        if torch.equal(updated, centroids):
+            break
+        centroids = updated
+    labels = _nearest(x, centroids, step)
+    centroids = _means(x, labels, centroids)  # each centroid the mean of its final members, as in 1-D
+    out = torch.empty(sets, k, d, dtype=torch.float32, device=x.device)
+    out[:, : centroids.shape[1]] = centroids.float()
+    out[:, centroids.shape[1] :] = out[:, centroids.shape[1] - 1 : centroids.shape[1]]
+    return out, labels
+
+
+def _seed_plus_plus(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """k-means++: each next centroid drawn with probability proportional to the squared distance to the
+    nearest one so far (so a point already chosen is never chosen again while others are left)."""
+    generator = torch.Generator().manual_seed(seed)
+    sets, n, _ = x.shape
+    rows = torch.arange(sets)
+    chosen = [x[rows, torch.randint(n, (sets,), generator=generator)]]
+    closest = (x - chosen[0][:, None]).square().sum(-1)
+    for _ in range(1, k):
+        total = closest.sum(1, keepdim=True)
+        weights = torch.where(total > 0, closest, torch.ones_like(closest))  # all covered: any point
+        pick = torch.multinomial(weights, 1, generator=generator).squeeze(1)
+        chosen.append(x[rows, pick])
+        closest = torch.minimum(closest, (x - chosen[-1][:, None]).square().sum(-1))
+    return torch.stack(chosen, 1)
+
+
+def _nearest(x: torch.Tensor, centroids: torch.Tensor, step: int) -> torch.Tensor:
+    return torch.cat([
+        (x[i : i + step, :, None] - centroids[i : i + step, None]).square().sum(-1).argmin(-1)
+        for i in range(0, x.shape[0], step)
+    ])
+
+
+def _means(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    sets, k, d = centroids.shape
+    index = (labels + torch.arange(sets, device=x.device)[:, None] * k).reshape(-1)
+    sums = torch.zeros(sets * k, d, dtype=torch.float64, device=x.device).index_add_(0, index, x.reshape(-1, d))
+    counts = torch.bincount(index, minlength=sets * k).reshape(sets, k, 1)
+    return torch.where(counts > 0, sums.reshape(sets, k, d) / counts.clamp(min=1), centroids)

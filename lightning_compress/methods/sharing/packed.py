@@ -4,7 +4,8 @@
 Han et al. 2016, and :func:`load_compressed` reads it back bit-exactly. It works from module state
 alone, so it packs any model however its weights got their zeros and shared values: each Conv1d/2d/3d
 or Linear weight is stored in the cheapest of four encodings (relative indices, codebooks, Huffman
-coding; :mod:`.tensor_codecs`), every other tensor as its dtype and shape, all in one checked file
+coding; :mod:`.tensor_codecs`), or of five for a product-quantized one (per-sub-space codebooks of
+sub-vectors, :mod:`.product`), every other tensor as its dtype and shape, all in one checked file
 (:mod:`.container`). Loading is safe on a file from anyone: every size the file declares is checked
 before it is used (:mod:`.validation`). The returned :class:`.summary.PackedSummary` sets the file's
 size beside Deep Compression's stage-by-stage sizes.
@@ -23,6 +24,8 @@ import torch
 from torch import nn
 
 from .container import HEADER, corrupted, read_packed, write_packed
+from .product import CODEBOOK as PRODUCT_CODEBOOK
+from .product import divisors
 from .summary import PackedLayer, PackedSummary
 from .tensor_codecs import PartError, bit_view, decode_tensor, dtype_name, encode_other, encode_weight
 from .validation import CheckedTensor, check_manifest, decoded_budget, invalid
@@ -38,6 +41,7 @@ def save_compressed(
     path: str | os.PathLike,
     index_bits: int | Mapping[str, int] = INDEX_BITS,
     codebook_bits: int | Mapping[str, int] | None = None,
+    subvectors: Mapping[str, int] | None = None,
 ) -> PackedSummary:
     """Write the packed file and return its :class:`PackedSummary`.
 
@@ -53,6 +57,11 @@ def save_compressed(
             kind left out): the fewest bits that index the layer's codebook, the zero / filler code
             included where needed.
             It changes the summary only; a layer needing more bits keeps its own and says so.
+        subvectors: ``{weight key: sub-vector length}`` of product-quantized weights
+            (:mod:`.product`): each is also tried as one code per sub-vector plus per-sub-space
+            codebooks, and stored so where that is smaller. A module's layers that still carry
+            product-quantization buffers are found without it. A key that is not a Conv / Linear
+            weight, or a length that does not divide its rows, is refused.
 
     Example:
         >>> import tempfile
@@ -75,6 +84,7 @@ def save_compressed(
         raise ValueError(f"index_bits must be set for both layer kinds, got {index_bits}")
     shared_bits = _per_kind(codebook_bits, "codebook_bits", {"conv": None, "linear": None}, high=32)
     state, kinds = _state_and_kinds(model_or_state_dict)
+    subvectors = _subvectors(model_or_state_dict, state, kinds, subvectors)
 
     entries: list[tuple[dict[str, Any], dict[str, bytes]]] = []
     layers: list[PackedLayer] = []
@@ -89,7 +99,7 @@ def save_compressed(
             bits = bit_view(tensor)
             weight_bits[name] = bits
             meta_, parts, layer = encode_weight(
-                name, tuple(tensor.shape), kind, bits, index_bits[kind], shared_bits[kind]
+                name, tuple(tensor.shape), kind, bits, index_bits[kind], shared_bits[kind], subvectors.get(name)
             )
             layers.append(layer)
         else:
@@ -149,6 +159,34 @@ def _state_and_kinds(
         if isinstance(value, torch.Tensor) and key.endswith("weight") and value.is_floating_point() and value.ndim >= 2
     }
     return source, kinds
+
+
+def _subvectors(
+    source: nn.Module | Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], kinds: Mapping[str, str],
+    given: Mapping[str, int] | None,
+) -> dict[str, int]:
+    """Sub-vector length per product-quantized weight: as given, else read off the layers' buffers."""
+    found: dict[str, int] = {}
+    if isinstance(source, nn.Module):
+        for module_name, module in source.named_modules():
+            codebook = module._buffers.get(PRODUCT_CODEBOOK)
+            if codebook is not None and codebook.ndim == 3:
+                found[f"{module_name}.weight" if module_name else "weight"] = int(codebook.shape[-1])
+    if given is not None:
+        if not isinstance(given, Mapping):
+            raise TypeError(f"subvectors must map weight keys to sub-vector lengths, got {type(given).__name__}")
+        found.update(given)
+    for key, size in found.items():
+        if key not in kinds:
+            raise ValueError(f"subvectors names {key!r}, which is not a Conv / Linear weight of what is packed")
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+            raise ValueError(f"subvectors[{key!r}]={size!r} must be an integer >= 1")
+        shape = tuple(state[key].shape)
+        length = int(np.prod(shape[1:]))
+        if length % size:
+            raise ValueError(f"subvectors[{key!r}]={size} does not divide the {length} entries of a row of its "
+                             f"{shape} weight (valid: {', '.join(map(str, divisors(length)[:12]))})")
+    return {key: int(size) for key, size in found.items()}
 
 
 def _plain_tensor(name: str, tensor: Any) -> torch.Tensor:

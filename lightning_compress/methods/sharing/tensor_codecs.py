@@ -11,7 +11,13 @@ encodings:
   layers with few zeros;
 * ``sparse_raw``: Huffman-coded gaps plus one raw value per entry (fillers hold zero), when a layer
   has more than ``2**16`` distinct non-zero values and sparse storage pays;
-* ``raw``: the tensor's bytes.
+* ``raw``: the tensor's bytes;
+* ``product_codebook`` (product quantization, :mod:`.product`), tried only for a weight whose
+  sub-vector length is given: the weight as rows (``shape[0]``) of ``subvector_size``-long
+  sub-vectors, one code per sub-vector (row-major ``(rows, blocks)``, Huffman-coded) naming one of
+  the ``codebook_size`` distinct sub-vectors of its column block, plus the codebooks
+  ``(blocks, codebook_size, subvector_size)`` (a block with fewer distinct sub-vectors pads its
+  codebook with zeros, never referenced); kept where it is smaller than the best of the others.
 
 A bool ``<weight>_mask`` equal to its weight's non-zero pattern is ``nonzero_of`` that weight (it
 costs nothing: the sparse format already says where the non-zeros are); other bool tensors are
@@ -27,8 +33,10 @@ little-endian bytes. :func:`decode_tensor` reverses every encoding from a tensor
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -78,9 +86,22 @@ def bit_view(tensor: torch.Tensor) -> np.ndarray:
 
 
 def encode_weight(
+    name: str, shape: tuple[int, ...], kind: str, bits: np.ndarray, index_bits: int, shared_bits: int | None,
+    subvector_size: int | None = None,
+) -> tuple[dict[str, Any], dict[str, bytes], PackedLayer]:
+    """Manifest fields, parts and summary row of one weight, given as its flattened bit patterns; with
+    ``subvector_size``, the product-quantized encoding too, where it is smaller."""
+    meta, parts, layer = _encode_scalar(name, shape, kind, bits, index_bits, shared_bits)
+    if subvector_size is not None:
+        product = _encode_product(name, shape, kind, bits, subvector_size, layer)
+        if product is not None and product[2].stored_bytes < layer.stored_bytes:
+            return product
+    return meta, parts, layer
+
+
+def _encode_scalar(
     name: str, shape: tuple[int, ...], kind: str, bits: np.ndarray, index_bits: int, shared_bits: int | None
 ) -> tuple[dict[str, Any], dict[str, bytes], PackedLayer]:
-    """Manifest fields, parts and summary row of one weight, given as its flattened bit patterns."""
     numel = bits.size
     positions = np.flatnonzero(bits)  # +0.0 is the only all-zero pattern; -0.0 is kept as a value
     values = bits[positions]
@@ -127,6 +148,48 @@ def encode_weight(
         code_bits=streams["codes"].bits_per_symbol if "codes" in streams else 8.0 * bits.itemsize,
         shared_index_bits=shared_index_bits, part_bytes={part: len(data) for part, data in parts.items()},
         dense_bytes=numel * 4, pruned_bytes=pruned, shared_bytes=shared, note="; ".join(notes),
+    )
+    return meta, parts, layer
+
+
+def product_blocks(shape: tuple[int, ...], subvector_size: int) -> tuple[int, int]:
+    """``(rows, blocks)`` of a weight cut into sub-vectors: ``shape[0]`` rows of ``prod(shape[1:])``
+    entries, ``blocks`` sub-vectors each."""
+    rows = shape[0]
+    return rows, math.prod(shape[1:]) // subvector_size
+
+
+def _encode_product(
+    name: str, shape: tuple[int, ...], kind: str, bits: np.ndarray, subvector_size: int, scalar: PackedLayer
+) -> tuple[dict[str, Any], dict[str, bytes], PackedLayer] | None:
+    """The ``product_codebook`` encoding, or None when a block has more than ``MAX_CODEBOOK`` distinct
+    sub-vectors."""
+    rows, blocks = product_blocks(shape, subvector_size)
+    vectors = bits.reshape(rows, blocks, subvector_size)
+    codes = np.zeros((rows, blocks), dtype=np.uint32)
+    tables = []
+    for block in range(blocks):  # the distinct sub-vectors of each block, as bit patterns
+        table, inverse = np.unique(vectors[:, block], axis=0, return_inverse=True)
+        tables.append(table)
+        codes[:, block] = inverse.reshape(-1)
+    size = max((len(table) for table in tables), default=0)
+    if size > MAX_CODEBOOK:
+        return None
+    codebook = np.zeros((blocks, size, subvector_size), dtype=_little(bits.dtype))
+    for block, table in enumerate(tables):
+        codebook[block, : len(table)] = table
+    codes = codes.astype(np.uint16 if size <= 1 << 16 else np.uint32).reshape(-1)
+    stream = huffman_encode(codes)
+    parts = {"codes": stream.to_bytes(), "codebook": codebook.tobytes()}
+    meta = {"kind": kind, "encoding": "product_codebook", "subvector_size": subvector_size, "codebook_size": size}
+    code_width = max(size - 1, 0).bit_length()
+    layer = replace(
+        scalar, distinct=size, encoding="product_codebook", index_bits=0, entries=0, fillers=0, gap_bits=0.0,
+        code_bits=stream.bits_per_symbol, shared_index_bits=code_width,
+        part_bytes={part: len(data) for part, data in parts.items()},
+        shared_bytes=math.ceil(rows * blocks * code_width / 8) + codebook.size * 4,
+        note=f"product quantization: {rows:,} x {blocks:,} sub-vectors of {subvector_size}, "
+             f"at most {size:,} centroids per sub-space",
     )
     return meta, parts, layer
 
@@ -226,6 +289,13 @@ def _decode_weight(entry: CheckedTensor) -> np.ndarray:
     _, int_type = _BIT_VIEWS[torch.empty(0, dtype=entry.dtype).element_size()]
     little = np.dtype(int_type).newbyteorder("<")
     encoding, parts, numel = entry.meta["encoding"], entry.parts, entry.numel
+    if encoding == "product_codebook":
+        size, subvector_size = entry.meta["codebook_size"], entry.meta["subvector_size"]
+        rows, blocks = product_blocks(entry.shape, subvector_size)
+        codebook = np.frombuffer(parts["codebook"], little).reshape(blocks, size, subvector_size)
+        # No code is past its block's codebook: the stream's alphabet was held to codebook_size.
+        codes = _symbols(entry, "codes").reshape(rows, blocks)
+        return codebook[np.arange(blocks)[None, :], codes].astype(int_type).reshape(-1)
     if encoding in ("sparse_codebook", "dense_codebook"):
         codebook = np.frombuffer(parts["codebook"], little)
         table = np.concatenate([np.zeros(1, int_type), codebook])  # code 0: zero (and the filler)

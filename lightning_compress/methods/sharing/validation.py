@@ -14,7 +14,10 @@ size, before anything is sized from them:
   raw values as gaps, at most one gap per position), an alphabet no larger than its codebook (codes)
   or its ``index_bits`` (gaps) allow, valid code lengths (Kraft inequality, at most 20 bits) and the
   writer's block size (which bounds the decoder's Python loop at about ``sqrt(count)`` steps);
-* a ``nonzero_of`` mask names a weight of its own size.
+* a ``nonzero_of`` mask names a weight of its own size;
+* a ``product_codebook`` weight has at least two dimensions, a ``subvector_size`` that divides its
+  rows (``prod(shape[1:])``), a codebook of exactly ``blocks x codebook_size x subvector_size``
+  values and one code per sub-vector, each below ``codebook_size``.
 
 What only decoding can tell (a stream's bits, where its gaps lead) is checked as it is decoded, within
 those bounds: a stream must end exactly where its header says, and gaps that would place a value
@@ -34,17 +37,18 @@ from typing import Any, NoReturn
 import torch
 
 from .huffman import HuffmanStream, default_block_size, read_stream_header
-from .tensor_codecs import DTYPES, MAX_CODEBOOK
+from .tensor_codecs import DTYPES, MAX_CODEBOOK, product_blocks
 
 FORMAT_NAME = "lightning_compress.packed"
 
 PARTS = MappingProxyType({
     "raw": ("data",), "bits": ("data",), "nonzero_of": (), "dense_codebook": ("codes", "codebook"),
     "sparse_codebook": ("gaps", "codes", "codebook"), "sparse_raw": ("gaps", "values"),
+    "product_codebook": ("codes", "codebook"),
 })
 """The parts each encoding stores, in the order the writer lays them out."""
 
-WEIGHT_ENCODINGS = ("dense_codebook", "sparse_codebook", "sparse_raw")
+WEIGHT_ENCODINGS = ("dense_codebook", "sparse_codebook", "sparse_raw", "product_codebook")
 KINDS = ("conv", "linear")
 MAX_NDIM = 64  # numpy's limit; no layer comes near it
 
@@ -201,8 +205,11 @@ def _check_parts(entry: CheckedTensor, payload: memoryview) -> None:
 
 
 def _check_weight(entry: CheckedTensor, itemsize: int) -> None:
-    """The Huffman streams, codebook and raw values of the three weight encodings."""
+    """The Huffman streams, codebook and raw values of the weight encodings."""
     meta, numel = entry.meta, entry.numel
+    if meta["encoding"] == "product_codebook":
+        _check_product(entry, itemsize)
+        return
     codes_alphabet = 0
     if "codebook" in entry.parts:
         size = meta.get("codebook_size")
@@ -225,6 +232,25 @@ def _check_weight(entry: CheckedTensor, itemsize: int) -> None:
         _expect_bytes(entry, "values", entries * itemsize, f"{entries} entries of {itemsize} bytes")
 
 
+def _check_product(entry: CheckedTensor, itemsize: int) -> None:
+    """Sub-vector length, codebooks and codes of a product-quantized weight."""
+    meta, shape = entry.meta, entry.shape
+    if len(shape) < 2:
+        entry.fail("shape", f"{_short(list(shape))} for a product_codebook weight, which has rows: at least 2 dimensions")
+    length = math.prod(shape[1:])
+    subvector_size, size = meta.get("subvector_size"), meta.get("codebook_size")
+    if not (_is_int(subvector_size) and 1 <= subvector_size <= max(length, 1) and length % subvector_size == 0):
+        entry.fail("subvector_size", f"{_short(subvector_size)} is not an integer in [1, {max(length, 1):,}] that "
+                                     f"divides the {length:,} entries of a row")
+    rows, blocks = product_blocks(shape, subvector_size)
+    least = 1 if rows * blocks else 0  # a code needs a codebook entry to name
+    if not (_is_int(size) and least <= size <= MAX_CODEBOOK):
+        entry.fail("codebook_size", f"{_short(size)} is not an integer in [{least}, {MAX_CODEBOOK}]")
+    _expect_bytes(entry, "codebook", blocks * size * subvector_size * itemsize,
+                  f"{blocks:,} sub-spaces x {size} centroids x {subvector_size} values of {itemsize} bytes")
+    entry.streams["codes"] = _stream(entry, "codes", size, f"codebook_size={size}", count=rows * blocks)
+
+
 def _stream(
     entry: CheckedTensor, part: str, alphabet: int, why: str, count: int | None = None,
     max_count: int | None = None,
@@ -237,6 +263,9 @@ def _stream(
     if count is not None and header.count != count:
         if entry.meta["encoding"] == "dense_codebook":
             implied = f"the shape {_short(list(entry.shape))} implies {count:,} (one code per weight)"
+        elif entry.meta["encoding"] == "product_codebook":
+            implied = (f"the shape {_short(list(entry.shape))} and subvector_size={entry.meta['subvector_size']} "
+                       f"imply {count:,} (one code per sub-vector)")
         else:
             implied = f"the gaps hold {count:,} entries (one code each)"
         entry.fail(field_name, f"a stream of {header.count:,} symbols; {implied}")

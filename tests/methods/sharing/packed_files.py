@@ -21,6 +21,7 @@ from torch import nn
 from lightning_compress.methods.decomposition.factorize import tucker2
 from lightning_compress.methods.pruning import add_mask, set_mask
 from lightning_compress.methods.sharing.codebook import share_weights
+from lightning_compress.methods.sharing.product import share_product
 
 HEADER = struct.Struct("<4sHHQ32s")
 STREAM_HEADER = struct.Struct("<4sBBHQQII")
@@ -150,7 +151,17 @@ def mixed_state() -> dict[str, torch.Tensor]:
     }
 
 
-BASES = {"pruned_shared": pruned_shared_model, "factorized": factorized_model, "raw": raw_model, "mixed": mixed_state}
+def product_model() -> nn.Module:
+    """Product-quantized: a Linear and a conv stored as per-sub-space codebooks (found from their buffers)."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(2, 24, 3), nn.Flatten(), nn.Linear(24, 40))
+    share_product(model[0], bits=2, subvector_size=6)
+    share_product(model[2], bits=3, subvector_size=4)
+    return model
+
+
+BASES = {"pruned_shared": pruned_shared_model, "factorized": factorized_model, "raw": raw_model, "mixed": mixed_state,
+         "product": product_model}
 """The real files the fuzz test starts from: each builds a module or a state dict."""
 
 

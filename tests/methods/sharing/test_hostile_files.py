@@ -32,7 +32,7 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_AS and /
 
 INTERESTING = [0, 1, 2, 3, 7, 8, 16, 31, 32, 255, 256, 65535, 65536, 65537, 1 << 20, (1 << 31) - 1, 1 << 31,
                (1 << 32) - 1, 1 << 32, 4_000_000_000, 1 << 40, 1 << 53, (1 << 63) - 1, 1 << 63, (1 << 64) - 1]
-NAMES = ["raw", "bits", "nonzero_of", "dense_codebook", "sparse_codebook", "sparse_raw", "float32", "float16",
+NAMES = ["raw", "bits", "nonzero_of", "dense_codebook", "sparse_codebook", "sparse_raw", "product_codebook", "float32", "float16",
          "bfloat16", "int64", "bool", "int32", "conv", "linear", "data", "codes", "gaps", "codebook", "values"]
 ints = st.one_of(st.sampled_from(INTERESTING), st.integers(-300, 300), st.sampled_from([-1, -(1 << 63)]))
 json_values = st.one_of(
