@@ -127,3 +127,124 @@ def test_pruning_stops_rehabilitating_once_weights_are_shared():
     _fit([pruning, sharing], max_epochs=3)
     steps_per_epoch = 20  # 1257 digits training images / 64
     assert all(step < steps_per_epoch for step, _ in pruning.history)  # no mask update after clustering
+
+
+# ------------------------------------------------------------------------------ product quantization
+
+PQ_SIZES = {"features.0": 9, "*": 4}  # the first conv's rows hold 9 weights; every other layer's a multiple of 4
+
+
+def _pq_trainer(tmp_path, callbacks, max_epochs, monitor="val/acc"):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    # save_top_k=-1: Lightning writes last.ckpt only in an epoch that also wrote a top-k file
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor=monitor, mode="max", save_last=True, save_top_k=-1)
+    return pl.Trainer(accelerator="cpu", max_epochs=max_epochs, callbacks=[*callbacks, checkpoint], logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                      limit_train_batches=10, default_root_dir=tmp_path), checkpoint
+
+
+class _Codes(pl.Callback):
+    """The product codes of one layer, and whether its weight is what its codes and codebooks describe."""
+
+    def __init__(self):
+        self.seen = {}
+
+    def _look(self, stage, pl_module):
+        from lightning_compress.methods.sharing import product as P
+
+        layer = pl_module.model.features[3]
+        self.seen[stage] = (layer.weight_pq_code.clone(), bool(torch.equal(layer.weight, P.reconstruct(layer))))
+
+    def on_train_epoch_start(self, trainer, pl_module):  # after WeightSharing's: it comes first in the list
+        self._look(f"epoch{trainer.current_epoch}", pl_module)
+
+    def on_test_start(self, trainer, pl_module):
+        self._look("test", pl_module)
+
+
+def test_product_quantization_fit_test_from_checkpoints_and_packed_file(tmp_path):
+    from lightning_compress import load_compressed
+
+    pl.seed_everything(0)
+    sharing = WeightSharing(weight_bits=3, start_epoch=1, method="pq", subvector_size=PQ_SIZES, export="pq.lcpk")
+    codes = _Codes()
+    trainer, checkpoint = _pq_trainer(tmp_path, [sharing, codes], max_epochs=3)
+    module = ImageClassifier("digits_cnn", optimizer="adamw", lr=0.005, weight_decay=0.0)
+    datamodule = DigitsDataModule(batch_size=64)
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.callback_metrics["val/acc"] > 0.7
+    assert (codes.seen["epoch0"][0] == -1).all()  # placeholders before clustering
+    clustered, exact = codes.seen["epoch2"]
+    assert exact and torch.equal(clustered, codes.seen["epoch1"][0])  # codes fixed, centroids fine-tuned
+    layer = module.model.features[3]
+    assert "weight_pq_code" not in layer._buffers  # dropped at fit end; the weight holds its centroids
+    assert layer.weight.reshape(32, -1, 4)[:, 0].unique(dim=0).shape[0] <= 8
+
+    # The packed file: every weight product-coded, loading back the trained model bit-exactly.
+    summary = sharing.artifact
+    assert {row.encoding for row in summary.layers} == {"product_codebook"}
+    fresh = create_model("digits_cnn")
+    load_compressed(summary.path, model=fresh)
+    for key, value in module.model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+
+    # test(ckpt_path): the codes and codebooks load into the placeholders setup registers.
+    for which, path in (("last", checkpoint.last_model_path), ("best", checkpoint.best_model_path)):
+        codes.seen.pop("test", None)
+        trainer.test(module, datamodule=datamodule, ckpt_path=which, verbose=False)
+        saved = torch.load(path, weights_only=True)["state_dict"]
+        code, exact = codes.seen["test"]
+        assert torch.equal(code, saved["model.features.3.weight_pq_code"])
+        assert exact or (code == -1).all()  # the best may be the epoch before clustering
+        assert "weight_pq_code" not in module.model.features[3]._buffers  # dropped again at test end
+    assert torch.equal(code if which == "last" else codes.seen["epoch2"][0], clustered)
+    saved = torch.load(checkpoint.last_model_path, weights_only=True)["state_dict"]
+    assert torch.equal(saved["model.features.3.weight_pq_code"], clustered)
+    assert saved["model.features.3.weight_pq_codebook"].shape == (36, 8, 4)
+
+
+def test_product_quantization_resumes_with_its_codes(tmp_path):
+    pl.seed_everything(0)
+    first, _ = _pq_trainer(tmp_path / "a", [WeightSharing(weight_bits=2, start_epoch=0, method="pq",
+                                                          subvector_size=PQ_SIZES)], max_epochs=1, monitor=None)
+    first.fit(ImageClassifier("digits_cnn", optimizer="adamw", lr=0.005), datamodule=DigitsDataModule(batch_size=64))
+    path = tmp_path / "a" / "ckpt" / "last.ckpt"
+    stored = torch.load(path, weights_only=False)
+    assert [value["clustered"] for key, value in stored["callbacks"].items() if "WeightSharing" in key] == [True]
+
+    sharing = WeightSharing(weight_bits=2, start_epoch=0, method="pq", subvector_size=PQ_SIZES, finalize=False)
+    codes = _Codes()
+    second, _ = _pq_trainer(tmp_path / "b", [sharing, codes], max_epochs=2, monitor=None)
+    second.fit(ImageClassifier("digits_cnn", optimizer="adamw", lr=0.005), datamodule=DigitsDataModule(batch_size=64),
+               ckpt_path=path)
+    assert sharing.clustered and set(codes.seen) == {"epoch1"}  # resumed at epoch 1, clustered: no second k-means
+    code, exact = codes.seen["epoch1"]
+    assert exact and torch.equal(code, stored["state_dict"]["model.features.3.weight_pq_code"])
+    assert "weight_pq_code" in second.lightning_module.model.features[3]._buffers  # finalize=False keeps them
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(method="vq"), "method='vq' is not known; valid: 'kmeans', 'pq'"),
+        (dict(method="pq", subvector_size=0), "subvector_size=0 must be an integer >= 1"),
+        (dict(method="pq", subvector_size={"features.*": -2}), "subvector_size\\['features.\\*'\\]=-2"),
+        (dict(method="pq", weight_bits=17), "weight_bits=17 must be an integer in 1..16"),
+        (dict(subvector_size=4), "subvector_size=4 applies to method='pq' only"),
+        (dict(method="pq", init="density"), "init='density'.*k-means\\+\\+"),
+    ],
+)
+def test_product_quantization_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        WeightSharing(**kwargs)
+
+
+def test_product_quantization_refuses_in_setup_the_layers_it_cannot_cut():
+    with pytest.raises(ValueError, match=r"cannot quantize 1 of its 4 layers:\n  features.0: its rows hold 9 weights, "
+                                         r"which subvector_size=4 does not divide \(valid: 1, 3, 9\)"):
+        WeightSharing(method="pq", subvector_size=4).setup(None, ImageClassifier("digits_cnn"), "fit")
+    pruning = IterativePruning(sparsity=0.5, schedule="one_shot", start_epoch=0)
+    sharing = WeightSharing(method="pq", subvector_size=PQ_SIZES, start_epoch=1)
+    with pytest.raises(ValueError, match="features.3: it carries a pruning mask.*method='kmeans'"):
+        _fit([pruning, sharing], max_epochs=1)
