@@ -29,7 +29,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_compress import IterativePruning, compression_report
-from lightning_compress.methods.pruning.channels import find_channel_groups
+from lightning_compress.methods.pruning.channels import analyse_channels, find_channel_groups
 from lightning_compress.methods.pruning.pruner import Pruner
 from lightning_compress.models import create_model
 
@@ -122,8 +122,8 @@ def filter_latency(args) -> None:
     dense = create_model("vgg19_bn").eval()
     slim = create_model("vgg19_bn")
     slim.load_state_dict(dense.state_dict())
-    groups = find_channel_groups(slim)
-    pruner = Pruner(slim, list(groups), structure="filter", groups=groups)
+    channels = analyse_channels(slim)
+    pruner = Pruner(slim, find_channel_groups(slim, channels), structure="filter", channels=channels)
     pruner.attach()
     pruner.update(args.filter_sparsity, first=True)
     pruner.finalize()

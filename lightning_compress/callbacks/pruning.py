@@ -158,6 +158,7 @@ class IterativePruning(CompressionCallback):
         self.obd_count = 0
         # Built in setup from the arguments alone.
         self._groups: dict[str, Any] = {}
+        self._channels = None
         self._pruner: Pruner | None = None
 
     order = 1
@@ -172,22 +173,34 @@ class IterativePruning(CompressionCallback):
         if self.structure == "unstructured":
             names = resolve_targets(model, self.targets, M.is_prunable, "Conv/Linear layer")
         else:
-            from ..methods.pruning.channels import find_channel_groups, unsupported_convs
+            from ..methods.pruning.channels import analyse_channels, find_channel_groups
 
-            self._groups = find_channel_groups(model)
-            refused = unsupported_convs(model)
+            self._channels = analyse_channels(model)
+            self._groups = find_channel_groups(model, self._channels)
+            refused = self._channels.reasons
             is_conv = lambda m: isinstance(m, nn.Conv2d)  # noqa: E731
             names = resolve_targets(model, self.targets, is_conv, "Conv2d layer")
+            # A depthwise conv's channels are removed with those of the layer that feeds it: nothing to refuse.
+            # (A depthwise conv named literally in targets is refused below, with that reason.)
+            literal = set(self.targets or [])
+            names = [n for n in names if n in literal or self._channels.layers.get(n, None) is None
+                     or self._channels.layers[n].kind != "depthwise"]
             bad = {n: refused.get(n, "not a removable filter group") for n in names if n not in self._groups}
             if bad and self.targets is not None:
                 detail = "; ".join(f"{n}: {why}" for n, why in list(bad.items())[:6])
                 raise ValueError(f"structure='filter' cannot remove the channels of targets {sorted(bad)}: {detail}")
             skipped = [n for n in names if n not in self._groups]
             names = [n for n in names if n in self._groups]
+            tied = [c for n in names for c in self._groups[n].coupled if c not in names]
+            if tied:
+                # Tied channels go together or not at all: prune the convs they are tied to as well.
+                rank_zero_warn(f"structure='filter' also prunes {sorted(set(tied))[:6]}{' ...' if len(set(tied)) > 6 else ''}: "
+                               "their channels are tied to those of the targets (residual adds, concatenations, shuffles)")
+                names += [c for c in self._groups if c in set(tied) and c not in names]
             if skipped and names:
                 rank_zero_warn(
-                    f"structure='filter' prunes {len(names)} convolutions and leaves {len(skipped)} whose channels are "
-                    f"coupled to other layers (e.g. {skipped[0]}: {refused.get(skipped[0], 'not removable')})"
+                    f"structure='filter' prunes {len(names)} convolutions and leaves {len(skipped)} whose channels "
+                    f"cannot be removed (e.g. {skipped[0]}: {refused.get(skipped[0], 'not removable')})"
                 )
             if not names:
                 detail = "; ".join(f"{n}: {why}" for n, why in list(refused.items())[:6])
@@ -221,7 +234,7 @@ class IterativePruning(CompressionCallback):
             self._pruner.remove_hooks()
         self._pruner = Pruner(model, names, scope=self.scope, structure=self.structure, criterion=self.criterion,
                               norm=self.norm, rehabilitation=self.rehabilitation, margin=self.margin,
-                              layer_target=self.layer_sparsity, groups=self._groups, rewind=self.rewind_epoch is not None)
+                              layer_target=self.layer_sparsity, channels=self._channels, rewind=self.rewind_epoch is not None)
         self._pruner.saliency_batches = self.obd_count
         # A second fit after the masks were folded in: the exact zeros are the masks.
         self._pruner.attach(masks_from_zeros=bool(self.history))

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import csv
+import tempfile
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -10,7 +12,7 @@ from torch import nn
 
 from lightning_compress import CompressionReport, DigitsDataModule, ImageClassifier, IterativePruning
 from lightning_compress.methods.pruning import is_masked
-from lightning_compress.methods.pruning.channels import find_channel_groups
+from lightning_compress.methods.pruning.channels import analyse_channels, find_channel_groups
 from lightning_compress.methods.pruning.pruner import Pruner
 from lightning_compress.models import create_model
 
@@ -143,8 +145,13 @@ def test_rewinding_resets_survivors_to_the_saved_weights():
     assert (saved["rewound"][~mask] == 0).all()
 
 
-def test_filter_pruning_removes_channels_and_keeps_the_function():
-    module = ImageClassifier("vgg_proxy", lr=0.02)
+@pytest.mark.parametrize(
+    "network, kwargs, params_left",
+    [("vgg_proxy", {}, 0.4), ("mobilenet_v2", {"width_mult": 0.25}, 0.6), ("shufflenet_v2_x1_0", {}, 0.8)],
+)
+def test_filter_pruning_removes_channels_and_keeps_the_function(network, kwargs, params_left):
+    """Plain chains, and nets whose channels are tied by residual adds, depthwise convs and channel shuffles."""
+    module = ImageClassifier(network, lr=0.02, model_kwargs=kwargs)
     pruning = IterativePruning(sparsity=0.5, schedule="one_shot", start_epoch=0, structure="filter", norm=2)
     outputs = {}
 
@@ -169,16 +176,37 @@ def test_filter_pruning_removes_channels_and_keeps_the_function():
     with torch.no_grad():
         trainer.fit(module, datamodule=RandomCifar())
     convs = [m for m in module.model.modules() if isinstance(m, nn.Conv2d)]
-    assert [c.out_channels for c in convs] == [8, 16, 32, 32, 64, 64, 64, 64]
-    assert sum(p.numel() for p in module.model.parameters()) < 0.4 * params_before
+    if network == "vgg_proxy":
+        assert [c.out_channels for c in convs] == [8, 16, 32, 32, 64, 64, 64, 64]
+    assert sum(p.numel() for p in module.model.parameters()) < params_left * params_before
+    assert not any(hasattr(c, "weight_mask") for c in convs)
     assert torch.allclose(outputs["before"], outputs["after"], atol=1e-5)
+    # A checkpoint of the smaller network rebuilds it in a fresh module.
+    trainer.save_checkpoint(tmp := Path(tempfile.mkdtemp()) / "pruned.ckpt")
+    fresh = ImageClassifier.load_from_checkpoint(tmp)
+    assert torch.equal(fresh.model.eval()(outputs["x"]), module.model(outputs["x"]))
 
 
-def test_filter_pruning_refuses_residual_networks():
-    module = ImageClassifier("mobilenet_v2")
-    pruning = IterativePruning(sparsity=0.5, structure="filter", targets=["features.2.conv.0.0"])
-    with pytest.raises(ValueError, match="structure='filter' cannot remove the channels"):
+@pytest.mark.parametrize(
+    "network, target, reason",
+    [
+        ("squeezenet1_1", "classifier.1", "output is a model output"),
+        ("mobilenet_v2", "features.2.conv.1.0", "depthwise conv: its channels go with those of the layer that feeds it"),
+    ],
+)
+def test_filter_pruning_refuses_a_layer_whose_channels_cannot_go_by_name(network, target, reason):
+    module = ImageClassifier(network)
+    pruning = IterativePruning(sparsity=0.5, structure="filter", targets=[target])
+    with pytest.raises(ValueError, match=f"structure='filter' cannot remove the channels of targets .*{target}: {reason}"):
         pruning.setup(None, module, "fit")
+
+
+def test_filter_pruning_of_one_conv_of_a_residual_stage_prunes_the_whole_stage():
+    module = ImageClassifier("mobilenet_v2")
+    pruning = IterativePruning(sparsity=0.5, structure="filter", targets=["features.2.conv.2"])
+    with pytest.warns(UserWarning, match=r"also prunes \['features.3.conv.2'\]: their channels are tied"):
+        pruning.setup(None, module, "fit")
+    assert sorted(pruning.layers) == ["features.2.conv.2", "features.3.conv.2"]
 
 
 def test_logs_sparsity_and_report_reads_it(tmp_path):
@@ -238,7 +266,7 @@ def test_compressed_checkpoints_start_new_runs(tmp_path):
 
     small = ImageClassifier("vgg_proxy")
     groups = find_channel_groups(small.model)
-    pruner = Pruner(small.model, list(groups), structure="filter", groups=groups)
+    pruner = Pruner(small.model, list(groups), structure="filter", channels=analyse_channels(small.model))
     pruner.attach()
     pruner.update(0.5, first=True)
     pruner.finalize()
@@ -254,12 +282,12 @@ def test_compressed_checkpoints_start_new_runs(tmp_path):
         assert torch.equal(small.model(x), fresh.model.eval()(x))
 
 
-def test_filter_pruning_on_mobilenet_warns_about_coupled_convolutions():
-    module = ImageClassifier("mobilenet_v2")
+def test_filter_pruning_on_squeezenet_warns_about_the_output_conv_only():
+    module = ImageClassifier("squeezenet1_1")
     pruning = IterativePruning(sparsity=0.5, structure="filter")
-    with pytest.warns(UserWarning, match="leaves .* whose channels are coupled"):
+    with pytest.warns(UserWarning, match="leaves 1 whose channels cannot be removed .*classifier.1: output is a model output"):
         pruning.setup(None, module, "fit")
-    assert 0 < len(pruning._names) < 10
+    assert len(pruning._names) == 25
 
 
 def test_rehabilitation_freezes_masks_after_end_epoch():

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lightning_compress import DigitsDataModule, ImageClassifier, IterativePruning
-from lightning_compress.methods.pruning.channels import find_channel_groups
+from lightning_compress.methods.pruning.channels import analyse_channels, find_channel_groups
 from lightning_compress.methods.pruning.pruner import Pruner
 
 
@@ -52,7 +52,7 @@ def test_channels_are_ranked_by_their_batchnorm_scale_across_layers():
             norm.weight.copy_(torch.rand_like(norm.weight))
     groups = find_channel_groups(model)
     names = sorted(groups)
-    pruner = Pruner(model, names, scope="global", structure="filter", criterion="bn_scale", groups=groups)
+    pruner = Pruner(model, names, scope="global", structure="filter", criterion="bn_scale", channels=analyse_channels(model))
     pruner.attach()
     pruner.update(0.5, first=True)
     # The kept channels are exactly the half with the largest |gamma| over the whole network.

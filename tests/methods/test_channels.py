@@ -8,6 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_compress.methods.pruning import surgery
+import torchvision
+
+from lightning_compress.methods.pruning.channel_graph import ChannelDependencies, LayerChannels, analyse_channels
 from lightning_compress.methods.pruning.channels import ChannelGroup, find_channel_groups, unsupported_convs
 from lightning_compress.methods.pruning.surgery import remove_channels, resize_to_state_dict
 from lightning_compress.methods.pruning.masks import MaskedConv2d, MaskedLinear, add_mask, is_prunable
@@ -58,34 +61,102 @@ def test_vgg_proxy_every_conv_is_a_group_with_its_batchnorm():
         index = int(name.split(".")[1])
         assert group.norm == f"features.{index + 1}"
         assert isinstance(model.get_submodule(group.norm), nn.BatchNorm2d)
-    # Each conv feeds the next one; the last reaches the classifier through pool and flatten.
-    assert [g.consumer for g in groups.values()][:-1] == convs[1:]
-    assert groups[convs[-1]] == ChannelGroup(convs[-1], "features.26", "classifier", 1)
+        assert group.coupled == (name,)  # a plain chain: nothing is tied
+    # Each conv reads the previous conv's channels; the last reaches the classifier through pool and flatten.
+    layers = analyse_channels(model).layers
+    assert [layers[c].inputs for c in convs[1:]] == [layers[c].outputs for c in convs[:-1]]
+    assert layers["classifier"] == LayerChannels("linear", layers[convs[-1]].outputs, None, 1)
+    assert groups[convs[-1]] == ChannelGroup(convs[-1], "features.26", (convs[-1],))
 
 
-@pytest.mark.parametrize(
-    "name, expected",
-    [
-        ("mobilenet_v2", ["grouped/depthwise conv", "output feeds grouped/depthwise conv", "residual connection"]),
-        ("shufflenet_v2_x1_0", ["grouped/depthwise conv", "used by 2 consumers", "concatenation"]),
-        ("xception", ["grouped/depthwise conv", "output feeds grouped/depthwise conv", "used by 2 consumers",
-                      "residual connection"]),
-    ],
-)
-def test_residual_shuffle_and_depthwise_convs_are_unsupported(name, expected):
-    model = create_model(name)
-    reasons = unsupported_convs(model)
-    groups = find_channel_groups(model)
+@torch.no_grad()
+def _zero_classes(model: nn.Module, deps, class_keep: list[bool]) -> None:
+    """The state masked training leaves with coupled groups: every removed channel zero wherever it is produced."""
+    for name, layer in deps.layers.items():
+        if layer.outputs is not None:
+            gone = torch.tensor([not class_keep[k] for k in layer.outputs])
+            module = model.get_submodule(name)
+            module.weight[gone] = 0
+            if module.bias is not None:
+                module.bias[gone] = 0
+
+
+_COUPLED = {  # a builder and the input size it needs
+    "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), 32),
+    "mobilenet_v2": (lambda: create_model("mobilenet_v2"), 16),
+    "shufflenet_v2_x1_0": (lambda: create_model("shufflenet_v2_x1_0"), 16),
+    "squeezenet1_0 (torchvision)": (lambda: torchvision.models.squeezenet1_0(num_classes=10), 48),
+    "xception": (lambda: create_model("xception"), 16),
+}
+
+
+@pytest.mark.parametrize("name", list(_COUPLED))
+def test_coupled_channels_are_removed_together_and_the_outputs_stay(name):
+    """Residual adds, depthwise convs, concatenations and channel shuffles: a random fifth of the tied
+    groups removed from a randomised network leaves its outputs unchanged, and the network smaller."""
+    build, size = _COUPLED[name]
+    model = _randomise(build()).eval()
+    deps = analyse_channels(model)
+    groups = find_channel_groups(model, deps)
     convs = {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-    assert set(reasons) | set(groups) == convs and not set(reasons) & set(groups)
-    for text in expected:
-        assert any(text in reason for reason in reasons.values()), text
+    assert set(deps.reasons) | set(groups) == convs and not set(deps.reasons) & set(groups)
+    assert len(groups) > len(convs) / 3
+    # Every conv is pruned, directly or through its producer, except an output layer.
+    assert all("depthwise" in why or "model output" in why for why in deps.reasons.values()), deps.reasons
+    generator = torch.Generator().manual_seed(0)
+    class_keep = [k in deps.pinned or bool(torch.rand(1, generator=generator) > 0.2) for k in range(len(deps.members))]
+    for layer in deps.layers.values():  # a layer that would lose everything keeps its first group
+        classes = layer.outputs or layer.inputs
+        if classes and not any(class_keep[k] for k in classes):
+            class_keep[classes[0]] = True
+    keep = {c: torch.tensor([class_keep[k] for k in deps.layers[c].outputs]) for c in groups}
+    _zero_classes(model, deps, class_keep)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        expected = model(x)
+    params = _params(model)
 
-    # Pruning a residual / concatenated conv is refused, with the reason, before anything changes.
-    conv = next(n for n, reason in reasons.items() if expected[-1] in reason)
-    out_channels = model.get_submodule(conv).out_channels
-    with pytest.raises(ValueError, match=f"'{conv}'.*{re.escape(reasons[conv])}"):
-        remove_channels(model, {conv: torch.ones(out_channels, dtype=torch.bool)})
+    remove_channels(model, keep, example_input=x)
+
+    assert _params(model) < 0.9 * params
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=1e-4)
+    fresh = build()  # a checkpoint of the smaller network loads into a fresh one, depthwise convs too
+    resize_to_state_dict(fresh, model.state_dict())
+    fresh.load_state_dict(model.state_dict(), strict=True)
+
+
+def test_ties_of_a_residual_add_a_depthwise_conv_a_concatenation_and_a_shuffle():
+    resnet = analyse_channels(torchvision.models.resnet18(num_classes=10))
+    # The stem, layer1's two blocks and their adds: one group per channel across five convs.
+    assert resnet.coupled()["conv1"] == ["conv1", "layer1.0.conv2", "layer1.1.conv2"]
+    assert resnet.members[0] == [("conv1", 0), ("layer1.0.conv2", 0), ("layer1.1.conv2", 0)]
+    mobilenet = analyse_channels(create_model("mobilenet_v2"))
+    expand, depthwise = mobilenet.layers["features.2.conv.0.0"], mobilenet.layers["features.2.conv.1.0"]
+    assert depthwise.kind == "depthwise" and depthwise.inputs == depthwise.outputs == expand.outputs
+    squeeze = analyse_channels(torchvision.models.squeezenet1_1(num_classes=10)).layers
+    # A fire module's output is the concatenation of its two expand convs.
+    assert squeeze["features.4.squeeze"].inputs == squeeze["features.3.expand1x1"].outputs + squeeze["features.3.expand3x3"].outputs
+    shuffle = analyse_channels(create_model("shufflenet_v2_x1_0"))
+    # Stage 2's first block: after the shuffle, channel i of branch1 and channel i of branch2 sit side by side
+    # and are tied; the next block's branch2 reads the second half of the shuffled channels.
+    b1, b2 = shuffle.layers["stage2.0.branch1.2"].outputs, shuffle.layers["stage2.0.branch2.5"].outputs
+    assert all(x == y for x, y in zip(b1, b2))
+    assert "stage2.1.branch2.0" in find_channel_groups(create_model("shufflenet_v2_x1_0"))
+
+
+def test_inconsistent_keep_of_tied_convs_is_refused_before_anything_changes():
+    model = torchvision.models.resnet18(num_classes=10)
+    stem = model.conv1
+    half = torch.arange(64) % 2 == 0
+    with pytest.raises(ValueError, match=r"tied to channels of \['layer1.0.conv2', 'layer1.1.conv2'\]"):
+        remove_channels(model, {"conv1": half})
+    everything = {"conv1": half, "layer1.0.conv2": half, "layer1.1.conv2": ~half}
+    with pytest.raises(ValueError, match="which is tied to it"):
+        remove_channels(model, everything)
+    assert model.conv1 is stem
+    remove_channels(model, {"conv1": half, "layer1.0.conv2": half, "layer1.1.conv2": half})
+    assert model.conv1.out_channels == model.layer1[1].conv2.out_channels == model.layer2[0].conv1.in_channels == 32
 
 
 def test_remove_half_of_vgg_proxy_shrinks_it_and_keeps_outputs_of_the_zeroed_model():
@@ -147,7 +218,9 @@ def test_linear_consumer_loses_a_block_of_features_per_channel(build):
     model = _randomise(build()).eval()
     groups = find_channel_groups(model)
     (conv,) = groups
-    assert groups[conv].features_per_channel == 16  # 4x4 maps flattened
+    deps = analyse_channels(model)
+    (linear,) = [n for n, layer in deps.layers.items() if layer.kind == "linear"]
+    assert deps.layers[linear].features_per_channel == 16  # 4x4 maps flattened
     keep = {conv: torch.tensor([True, False, True, True, False, True])}
     _zero_removed(model, groups, keep)
     x = torch.randn(3, 3, 4, 4)
@@ -156,7 +229,7 @@ def test_linear_consumer_loses_a_block_of_features_per_channel(build):
 
     assert remove_channels(model, keep) == {conv: 4}
 
-    assert model.get_submodule(groups[conv].consumer).in_features == 4 * 16
+    assert model.get_submodule(linear).in_features == 4 * 16
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
 
@@ -256,8 +329,10 @@ def test_a_failed_shape_check_undoes_every_replacement(monkeypatch):
     """A wrong analysis (here: a Linear block size of 1 instead of 16) must not leave a half-pruned model."""
     model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.Flatten(), nn.Linear(96, 5))
     originals = list(model)
-    wrong = {"0": ChannelGroup("0", "1", "3", features_per_channel=1)}
-    monkeypatch.setattr(surgery, "analyse", lambda m: (wrong, {}))
+    right = analyse_channels(model)
+    wrong = ChannelDependencies(dict(right.layers), right.members, {}, right.norms, {})
+    wrong.layers["3"] = LayerChannels("linear", right.layers["3"].inputs, None, 1)
+    monkeypatch.setattr(surgery, "analyse_channels", lambda m: wrong)
     with pytest.raises(RuntimeError):
         remove_channels(model, {"0": torch.tensor([True, False] * 3)}, example_input=torch.randn(1, 3, 4, 4))
     assert all(new is old for new, old in zip(model, originals))

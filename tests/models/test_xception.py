@@ -120,7 +120,7 @@ def test_qat_int8_onnx_export_agrees_with_the_fake_quant_model(tmp_path):
     assert float((got - expected).abs().mean() / expected.abs().mean()) < 0.1
 
 
-def test_unstructured_pruning_reaches_its_sparsity_and_filter_pruning_removes_the_uncoupled_filters():
+def test_unstructured_pruning_reaches_its_sparsity_and_filter_pruning_removes_coupled_filters():
     pl.seed_everything(0)
     module = ImageClassifier("xception", model_kwargs=SMALL, lr=0.01)
     pruning = IterativePruning(sparsity=0.8, schedule="one_shot", scope="global")
@@ -129,13 +129,15 @@ def test_unstructured_pruning_reaches_its_sparsity_and_filter_pruning_removes_th
     zeros = sum(int((w == 0).sum()) for w in weights)
     assert zeros / sum(w.numel() for w in weights) == pytest.approx(0.8, abs=0.01)
 
-    # Residual adds and depthwise convs couple the channels of every other conv (methods/pruning/channels.py):
-    # only the first stem conv and the last pointwise conv (read by the classifier) are free to lose filters.
+    # Residual adds and depthwise convs tie channels of several convs together: they are pruned as groups,
+    # every pointwise conv too, and the pruned network computes what its masked version did.
     module = ImageClassifier("xception", model_kwargs=SMALL, lr=0.01)
+    dense = _convs(module.model)
     pruning = IterativePruning(sparsity=0.5, schedule="one_shot", structure="filter")
-    with pytest.warns(UserWarning, match="whose channels are coupled"):
-        _fit(module, [pruning])
+    _fit(module, [pruning])
     convs = _convs(module.model)
+    plain = [n for n, c in dense.items() if c.groups == 1]
+    assert all(convs[n].out_channels < dense[n].out_channels for n in plain), {n: convs[n].out_channels for n in plain}
     assert convs["features.stem.0"].out_channels == 4 and convs["features.exit.4.pointwise"].out_channels == 128
     assert module.model.classifier.in_features == 128
     with torch.no_grad():

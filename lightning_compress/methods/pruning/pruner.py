@@ -34,6 +34,8 @@ from torch import nn
 
 from . import masks as M
 from . import selection as S
+from .channel_graph import ChannelDependencies
+from .coupled import CoupledChannels
 
 TRAINING_BUFFERS = ("weight_rewind", "weight_grad_sq")
 
@@ -50,8 +52,9 @@ class Pruner:
         names: the Conv / Linear layers to prune.
         scope: ``"layer"`` (each layer reaches its own sparsity) or ``"global"`` (one ranking of all).
         structure: ``"unstructured"`` or ``"filter"`` (whole output channels, their BatchNorm channels
-            zeroed in the forward, removed by :meth:`finalize`); ``groups`` then gives each conv's
-            channel group (``find_channel_groups``).
+            zeroed in the forward, removed by :meth:`finalize`); ``channels`` is then the network's
+            channel dependencies (``analyse_channels``): channels tied by residual adds, depthwise convs,
+            concatenations or shuffles are scored and pruned as one group (:mod:`.coupled`).
         criterion: ``"magnitude"``, ``"obd"`` (saliency from the squared gradients accumulated by
             :meth:`accumulate_saliency`) or ``"bn_scale"`` (filters only: ``|gamma|`` of the BatchNorm after
             each conv, network slimming; :meth:`add_scale_penalty` is its sparsity training).
@@ -74,14 +77,19 @@ class Pruner:
         rehabilitation: bool = False,
         margin: float = 0.1,
         layer_target: Callable[[str, float], float] | None = None,
-        groups: dict | None = None,
+        channels: ChannelDependencies | None = None,
         rewind: bool = False,
     ) -> None:
         self.root, self.names = root, list(names)
         self.scope, self.structure, self.criterion, self.norm = scope, structure, criterion, norm
         self.rehabilitation, self.margin = rehabilitation, margin
         self.layer_target = layer_target or (lambda name, target: target)
-        self.groups = groups or {}
+        self.channels = channels
+        self.coupled: CoupledChannels | None = None
+        if structure == "filter":
+            if channels is None:
+                raise ValueError("structure='filter' needs the network's channel dependencies (analyse_channels)")
+            self.coupled = CoupledChannels(channels, self.names)
         self.rewind = rewind
         self.saliency_batches = 0  # squared gradients summed since the last update (OBD)
         self._hooks: list = []
@@ -106,12 +114,8 @@ class Pruner:
             if self.criterion == "obd" and "weight_grad_sq" not in layer._buffers:
                 layer.register_buffer("weight_grad_sq", torch.zeros_like(layer.weight, dtype=torch.float32))
         self.remove_hooks()
-        if self.structure == "filter":
-            modules = dict(self.root.named_modules())
-            for name in self.names:
-                norm = self.groups[name].norm
-                after = modules[norm] if norm else modules[name]
-                self._hooks.append(after.register_forward_hook(_zero_pruned_channels(self.root, name)))
+        if self.coupled is not None:
+            self._hooks = self.coupled.zeroing_hooks(self.root)
 
     @torch.no_grad()
     def save_rewind_point(self) -> None:
@@ -141,29 +145,20 @@ class Pruner:
         rewind point. ``optimizers``: their state at newly pruned weights is cleared.
         """
         layers = self.layers
-        scores = {}
-        for name, layer in layers.items():
-            hessian = layer.weight_grad_sq / max(1, self.saliency_batches) if self.criterion == "obd" else None
-            score = S.weight_scores(layer.weight, self.criterion, hessian)
-            if self.structure == "filter":
-                scale = self.norm_layer(name).weight if self.criterion == "bn_scale" else None
-                score = S.filter_scores(score, layer.weight, self.criterion, self.norm, scale)
-                if self.scope == "global" and self.criterion != "bn_scale":
-                    # filters of different fan-in: compare per-weight means (BatchNorm scales compare as they are)
-                    score = score / layer.weight[0].numel()
-                kept = None if first else layer.weight_mask.flatten(1).any(1)
-            else:
-                kept = None if first else layer.weight_mask
-            scores[name] = S.with_hysteresis(score, kept, self.margin if self.rehabilitation else 0.0)
-        if self.scope == "global":
-            # Whole channels ranked across layers: without a floor, network slimming's global cut took the
-            # last conv of a CPU-scale VGG19 down to one channel (18% accuracy where per-layer L1 kept 62%).
-            floor = CHANNEL_FLOOR if self.structure == "filter" else 0.0
-            keep = S.global_keep(scores, target, floor)
+        if self.coupled is not None:
+            keep = self._filter_keep(layers, target, first)
         else:
-            keep = S.layer_keep(scores, {name: self.layer_target(name, target) for name in scores})
+            scores = {}
+            for name, layer in layers.items():
+                score = S.weight_scores(layer.weight, self.criterion, self._hessian(layer))
+                kept = None if first else layer.weight_mask
+                scores[name] = S.with_hysteresis(score, kept, self.margin if self.rehabilitation else 0.0)
+            if self.scope == "global":
+                keep = S.global_keep(scores, target)
+            else:
+                keep = S.layer_keep(scores, {name: self.layer_target(name, target) for name in scores})
         for name, layer in layers.items():
-            mask = S.expand_filter_mask(keep[name], layer.weight) if self.structure == "filter" else keep[name]
+            mask = S.expand_filter_mask(keep[name].to(layer.weight.device), layer.weight) if self.structure == "filter" else keep[name]
             M.set_mask(layer, mask, zero_pruned=not self.rehabilitation)
         M.broadcast_masks(layers.values())
         if not self.rehabilitation:
@@ -179,9 +174,37 @@ class Pruner:
                 layer.weight_grad_sq.zero_()
             self.saliency_batches = 0
 
+    def _hessian(self, layer: nn.Module) -> torch.Tensor | None:
+        return layer.weight_grad_sq / max(1, self.saliency_batches) if self.criterion == "obd" else None
+
+    def _filter_keep(self, layers: dict[str, nn.Module], target: float, first: bool) -> dict[str, torch.Tensor]:
+        """Whole channels: filter scores averaged over each tied group, groups ranked per block or globally."""
+        filter_scores = {}
+        for name, layer in layers.items():
+            score = S.weight_scores(layer.weight, self.criterion, self._hessian(layer))
+            scale = self.norm_layer(name).weight if self.criterion == "bn_scale" else None
+            score = S.filter_scores(score, layer.weight, self.criterion, self.norm, scale)
+            if self.scope == "global" and self.criterion != "bn_scale":
+                # filters of different fan-in: compare per-weight means (BatchNorm scales compare as they are)
+                score = score / layer.weight[0].numel()
+            filter_scores[name] = score
+        scores = self.coupled.group_scores(filter_scores)
+        if not first:
+            kept = self.coupled.group_kept({name: layer.weight_mask.flatten(1).any(1) for name, layer in layers.items()})
+            margin = self.margin if self.rehabilitation else 0.0
+            scores = {block: S.with_hysteresis(score, kept[block], margin) for block, score in scores.items()}
+        if self.scope == "global":
+            # Whole channels ranked across layers: without a floor, network slimming's global cut took the
+            # last conv of a CPU-scale VGG19 down to one channel (18% accuracy where per-layer L1 kept 62%).
+            block_keep = S.global_keep(scores, target, CHANNEL_FLOOR)
+        else:
+            targets = {block: self.coupled.block_target(block, target, self.layer_target) for block in scores}
+            block_keep = S.layer_keep(scores, targets)
+        return self.coupled.conv_keep(block_keep, scores)
+
     def norm_layer(self, name: str) -> nn.Module:
         """The BatchNorm after conv ``name`` (``structure="filter"``), whose scales network slimming ranks."""
-        norm = self.groups[name].norm
+        norm = self.channels.norms.get(name) if self.channels is not None else None
         if norm is None:
             raise ValueError(f"{name}: criterion='bn_scale' needs a BatchNorm right after the convolution; it has none")
         return self.root.get_submodule(norm)
@@ -229,20 +252,3 @@ class Pruner:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
-
-
-def _zero_pruned_channels(root: nn.Module, conv_name: str):
-    """Forward hook: zero the output channels whose filter is pruned (after their BatchNorm).
-
-    Without it a BatchNorm turns an all-zero channel into its bias beta, which the next layer learns
-    to use, and removing the channel at the end would change the network's output.
-    """
-
-    def hook(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
-        conv = root.get_submodule(conv_name)
-        if not M.is_masked(conv):
-            return output
-        alive = conv.weight_mask.flatten(1).any(1)
-        return output * alive.view(1, -1, *([1] * (output.ndim - 2))).to(output.dtype)
-
-    return hook

@@ -24,7 +24,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
-from .channels import ChannelGroup, analyse, rebuild_problem
+from .channel_graph import ChannelDependencies, LayerChannels, analyse_channels, rebuild_problem
 from .masks import PRUNABLE_TYPES, add_mask, is_masked
 
 __all__ = ["remove_channels", "resize_to_state_dict"]
@@ -33,25 +33,27 @@ __all__ = ["remove_channels", "resize_to_state_dict"]
 def remove_channels(model: nn.Module, keep: dict[str, torch.Tensor], example_input: Any = None) -> dict[str, int]:
     """Remove the output channels of convs where ``keep[conv_name]`` (bool, one per channel) is False.
 
-    Each conv is replaced by a smaller one, its BatchNorm by a shorter one, and its consumer by one
-    with fewer input channels (a Linear loses ``features_per_channel`` features per removed channel).
-    Dtype, device, the weight's memory format (channels_last stays channels_last), ``requires_grad``
-    and train/eval mode carry over.
+    Each removed channel goes from every layer that sees it: the conv's filter, its entries in the
+    BatchNorms and depthwise convs it passes through, and the matching input slice of each conv or
+    Linear that reads it (a Linear behind a flatten loses ``features_per_channel`` features per
+    channel). Channels tied together (:mod:`.channel_graph`: residual adds, concatenations, channel
+    shuffles) must be removed together: ``keep`` must name every conv of a coupled group and agree
+    on the tied channels. Dtype, device, the weight's memory format (channels_last stays
+    channels_last), ``requires_grad`` and train/eval mode carry over.
 
     Masked layers (``MaskedConv2d``/``MaskedLinear`` of ``masks.py``) stay masked: the new layer is
     masked too, with the same ``straight_through``, and its ``weight_mask`` is sliced like its
     weight. A masked schedule can therefore go on after the surgery, and the state dict keeps its
     ``weight_mask`` keys.
 
-    Every name is checked before anything changes: a conv that is not a supported group, a keep
-    tensor of the wrong dtype or length, or one that keeps no channel raises ``ValueError`` and
-    leaves the model untouched.
+    Everything is checked before anything changes: a conv whose channels cannot be removed, a keep
+    tensor of the wrong dtype or length, a group whose convs disagree, or a layer left with no
+    channel raises ``ValueError`` and leaves the model untouched.
 
     With ``example_input`` (a tensor, or a tuple of positional arguments), the model runs on it
     before and after, in eval mode and without gradients so that BatchNorm statistics do not move.
     If the output shapes differ, or the forward fails, every replacement is undone and the error
-    raised: a shape change would mean the analysis missed a use of the channels. Without it, only
-    the static analysis vouches for the result.
+    raised. Without it, only the static analysis vouches for the result.
 
     Returns the new number of output channels of each conv in ``keep``.
 
@@ -65,83 +67,126 @@ def remove_channels(model: nn.Module, keep: dict[str, torch.Tensor], example_inp
         >>> model[0], model[1].num_features, model[5].in_features
         (Conv2d(3, 4, kernel_size=(3, 3), stride=(1, 1)), 4, 4)
     """
-    groups, reasons = analyse(model)
-    plans = {name: (groups.get(name), _keep_indices(model, name, mask, groups, reasons)) for name, mask in keep.items()}
+    deps = analyse_channels(model)
+    class_keep = _class_keep(model, deps, keep)
+    plans = _layer_plans(deps, class_keep)
     before = _output_shapes(model, example_input) if example_input is not None else None
 
     replaced: list[tuple[str, nn.Module]] = []
     try:
-        for group, index in plans.values():
-            _shrink_group(model, group, index, replaced)
+        for name, (layer, inputs, outputs) in plans.items():
+            new = _shrunk(model.get_submodule(name), layer, inputs, outputs)
+            replaced.append((name, _set_submodule(model, name, new)))
         if before is not None:
             after = _output_shapes(model, example_input)
             if after != before:
                 raise RuntimeError(f"removing channels changed the model's output shape from {before} to {after}")
     except Exception:
-        # Undo in reverse order: a layer that was both a consumer and a pruned conv was replaced twice.
         for name, module in reversed(replaced):
             _set_submodule(model, name, module)
         raise
     return {name: model.get_submodule(name).out_channels for name in keep}
 
 
-def _keep_indices(
-    model: nn.Module, name: str, mask: torch.Tensor, groups: dict[str, ChannelGroup], reasons: dict[str, str]
-) -> torch.Tensor:
-    """Validate ``keep[name]`` and return the kept channel indices, on the conv's device."""
-    if name not in groups:
-        if name in reasons:
-            why = reasons[name]
-        else:
-            try:
-                why = f"it is a {type(model.get_submodule(name)).__name__}, not a Conv2d"
-            except AttributeError:
-                why = "the model has no module of that name"
-        supported = ", ".join(repr(n) for n in groups) or "none"
-        raise ValueError(f"keep[{name!r}]: cannot remove channels of {name!r}: {why}. Supported convs: {supported}")
-    conv = model.get_submodule(name)
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != (conv.out_channels,):
-        got = type(mask).__name__
-        if isinstance(mask, torch.Tensor):
-            got = f"dtype={mask.dtype}, shape={tuple(mask.shape)}"
-        raise ValueError(f"keep[{name!r}] must be a bool tensor of shape ({conv.out_channels},), got {got}")
-    if not mask.any():
-        raise ValueError(f"keep[{name!r}] keeps no channel; conv {name!r} needs at least one output channel")
-    return mask.nonzero().flatten().to(conv.weight.device)
+def _class_keep(model: nn.Module, deps: ChannelDependencies, keep: dict[str, torch.Tensor]) -> list[bool]:
+    """Which channel classes stay, from ``keep``; every inconsistency is a ValueError naming the convs."""
+    removable = deps.removable_convs()
+    class_keep = [True] * len(deps.members)
+    for name, mask in keep.items():
+        if name not in removable:
+            if name in deps.reasons:
+                why = deps.reasons[name]
+            else:
+                try:
+                    why = f"it is a {type(model.get_submodule(name)).__name__}, not a Conv2d"
+                except AttributeError:
+                    why = "the model has no module of that name"
+            supported = ", ".join(repr(n) for n in removable) or "none"
+            raise ValueError(f"keep[{name!r}]: cannot remove channels of {name!r}: {why}. Supported convs: {supported}")
+        outputs = deps.layers[name].outputs
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != (len(outputs),):
+            got = f"dtype={mask.dtype}, shape={tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"keep[{name!r}] must be a bool tensor of shape ({len(outputs)},), got {got}")
+        if not mask.any():
+            raise ValueError(f"keep[{name!r}] keeps no channel; conv {name!r} needs at least one output channel")
+        for channel in (~mask).nonzero().flatten().tolist():
+            k = outputs[channel]
+            if k in deps.pinned:
+                raise ValueError(f"keep[{name!r}] removes channel {channel}, which cannot go: {deps.pinned[k]}")
+            class_keep[k] = False
+    for k, kept in enumerate(class_keep):
+        missing = sorted({c for c, _ in deps.members[k] if c not in keep}) if not kept else []
+        if missing:
+            conv, channel = next((c, i) for c, i in deps.members[k] if c in keep)
+            raise ValueError(f"keep[{conv!r}] removes channel {channel}, which is tied to channels of {missing} (a "
+                             f"residual add, concatenation or channel shuffle); give a keep mask for each of them too")
+    for name, mask in keep.items():
+        outputs = deps.layers[name].outputs
+        wanted = torch.tensor([class_keep[k] for k in outputs], dtype=torch.bool)
+        if not torch.equal(wanted, mask.cpu()):
+            channel = int((wanted != mask.cpu()).nonzero()[0])
+            other = next(f"{c!r} channel {i}" for c, i in deps.members[outputs[channel]] if c != name)
+            raise ValueError(f"keep[{name!r}] keeps channel {channel} but removes {other}, which is tied to it; "
+                             f"tied channels are removed together")
+    return class_keep
 
 
-def _shrink_group(
-    model: nn.Module, group: ChannelGroup, index: torch.Tensor, replaced: list[tuple[str, nn.Module]]
-) -> None:
-    def swap(name: str, new: nn.Module) -> None:
-        replaced.append((name, _set_submodule(model, name, new)))
+def _layer_plans(deps: ChannelDependencies, class_keep: list[bool]) -> dict:
+    """For each layer that changes: (its LayerChannels, kept input positions or None, kept output positions or None)."""
+    plans = {}
+    for name, layer in deps.layers.items():
+        kept = [None, None]
+        for side, classes in enumerate((layer.inputs, layer.outputs)):
+            if classes is None:
+                continue
+            positions = [i for i, k in enumerate(classes) if class_keep[k]]
+            if not positions:
+                raise ValueError(f"removing these channels would leave {name!r} with no {('input', 'output')[side]} channel")
+            if len(positions) < len(classes):
+                kept[side] = torch.tensor(positions)
+        if kept != [None, None]:
+            plans[name] = (layer, *kept)
+    return plans
 
-    # Modules are looked up now, not at analysis time: an earlier group may have replaced this conv
-    # already, as the consumer of the conv before it.
-    conv = model.get_submodule(group.conv)
-    new = _conv_like(conv, conv.in_channels, len(index))
-    _copy(new, conv, ("weight", "weight_mask", "bias"), 0, index)
-    swap(group.conv, new)
 
-    if group.norm is not None:
-        norm = model.get_submodule(group.norm)
-        new = _norm_like(norm, len(index))
-        _copy(new, norm, ("weight", "bias", "running_mean", "running_var"), 0, index)
-        _copy(new, norm, ("num_batches_tracked",))
-        swap(group.norm, new)
-
-    consumer = model.get_submodule(group.consumer)
-    k = group.features_per_channel
-    if isinstance(consumer, nn.Linear):
+def _shrunk(module: nn.Module, layer: LayerChannels, inputs: torch.Tensor | None, outputs: torch.Tensor | None) -> nn.Module:
+    """A copy of ``module`` keeping input channels ``inputs`` and output channels ``outputs`` (None: all)."""
+    device = module.weight.device if getattr(module, "weight", None) is not None else module.running_mean.device
+    inputs = inputs.to(device) if inputs is not None else None
+    outputs = outputs.to(device) if outputs is not None else None
+    if layer.kind == "norm":
+        new = _norm_like(module, len(inputs))
+        _copy(new, module, ("weight", "bias", "running_mean", "running_var"), 0, inputs)
+        _copy(new, module, ("num_batches_tracked",))
+        return new
+    if layer.kind == "depthwise":
+        index = inputs
+        new = _conv_like(module, len(index), len(index), groups=len(index))
+        _copy(new, module, ("weight", "weight_mask", "bias"), 0, index)
+        return new
+    if layer.kind == "linear":
+        k = layer.features_per_channel
         # Flattening (N, C, H, W) puts channel c at features [c*k, (c+1)*k).
-        features = (index[:, None] * k + torch.arange(k, device=index.device)).flatten()
-        new = _linear_like(consumer, len(features), consumer.out_features)
-    else:
-        features = index
-        new = _conv_like(consumer, len(index), consumer.out_channels)
-    _copy(new, consumer, ("weight", "weight_mask"), 1, features)
-    _copy(new, consumer, ("bias",))
-    swap(group.consumer, new)
+        features = (inputs[:, None] * k + torch.arange(k, device=device)).flatten()
+        new = _linear_like(module, len(features), module.out_features)
+        _copy(new, module, ("weight", "weight_mask"), 1, features)
+        _copy(new, module, ("bias",))
+        return new
+    in_channels = len(inputs) if inputs is not None else module.in_channels
+    out_channels = len(outputs) if outputs is not None else module.out_channels
+    new = _conv_like(module, in_channels, out_channels)
+    with torch.no_grad():
+        for attr in ("weight", "weight_mask"):
+            source = getattr(module, attr, None)
+            if source is None:
+                continue
+            if outputs is not None:
+                source = source.index_select(0, outputs)
+            if inputs is not None:
+                source = source.index_select(1, inputs)
+            getattr(new, attr).copy_(source)
+    _copy(new, module, ("bias",), *((0, outputs) if outputs is not None else ()))
+    return new
 
 
 def resize_to_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:
@@ -194,7 +239,10 @@ def _resized(name: str, module: nn.Module, state_dict: dict[str, torch.Tensor]) 
             )
         if isinstance(module, nn.Linear):
             return _linear_like(module, weight.shape[1], weight.shape[0])
-        return _conv_like(module, weight.shape[1] * module.groups, weight.shape[0])
+        # A depthwise conv keeps one filter per channel: its groups follow its channel count.
+        depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+        groups = weight.shape[0] if depthwise and weight.shape[1] == 1 else module.groups
+        return _conv_like(module, weight.shape[1] * groups, weight.shape[0], groups=groups)
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         reference = state_dict.get(prefix + "running_mean", state_dict.get(prefix + "weight"))
         if reference is None or reference.shape[0] == module.num_features:
@@ -209,7 +257,7 @@ def _check_rebuildable(name: str, module: nn.Module) -> None:
         raise ValueError(f"cannot resize {name!r} to the state dict: {problem}")
 
 
-def _conv_like(old: nn.Module, in_channels: int, out_channels: int) -> nn.Module:
+def _conv_like(old: nn.Module, in_channels: int, out_channels: int, groups: int | None = None) -> nn.Module:
     """A conv with ``old``'s settings and new channel counts (values freshly initialised)."""
     base = next(cls for cls in PRUNABLE_TYPES if isinstance(old, cls))
     new = base(
@@ -219,7 +267,7 @@ def _conv_like(old: nn.Module, in_channels: int, out_channels: int) -> nn.Module
         stride=old.stride,
         padding=old.padding,
         dilation=old.dilation,
-        groups=old.groups,
+        groups=old.groups if groups is None else groups,
         bias=old.bias is not None,
         padding_mode=old.padding_mode,
         device=old.weight.device,
