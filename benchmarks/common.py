@@ -268,3 +268,28 @@ def tucker_params(model: nn.Module, energy: float) -> int:
         factorized = w.shape[1] * r_in + r_in * r_out * w.shape[2] * w.shape[3] + r_out * w.shape[0]
         total += factorized - w.numel()  # the bias moves to the last stage unchanged
     return total
+
+
+def torch_pruning_to_macs(model: nn.Module, target_macs: int, input_size=(3, 32, 32)) -> tuple[nn.Module, float]:
+    """Torch-Pruning (its dependency graph, ``MagnitudeImportance(p=1)``, per-layer ratios, the output layer
+    ignored) at the pruning ratio whose MACs (counted by our report, as for our rows) come closest to
+    ``target_macs`` from above or at it; returns the pruned copy and the ratio. It raises where Torch-Pruning
+    cannot prune the network (ShuffleNetV2's channel shuffle)."""
+    import torch_pruning as tp
+
+    from lightning_compress import compression_report
+
+    def pruned(ratio: float) -> nn.Module:
+        copy_ = copy.deepcopy(model).cpu().eval().to(memory_format=torch.contiguous_format)
+        last = [m for m in copy_.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+        example = torch.randn(1, *input_size)
+        tp.pruner.MetaPruner(copy_, example, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=ratio,
+                             ignored_layers=[last]).step()
+        return copy_
+
+    low, high = 0.0, 0.9
+    for _ in range(12):  # bisection: the smallest ratio whose MACs reach the target
+        mid = (low + high) / 2
+        macs = compression_report(pruned(mid), input_size=input_size).macs
+        low, high = (mid, high) if macs > target_macs else (low, mid)
+    return pruned(high), high

@@ -17,10 +17,15 @@ Three measurements, each written to ``benchmarks/results/pruning_<name>.json``:
     python -m benchmarks pruning overhead
     python -m benchmarks pruning accuracy --sparsity 0.9 0.98
     python -m benchmarks pruning filter-latency
+    python -m benchmarks pruning coverage       # ours and Torch-Pruning (the peers extra) on ten networks
+
+* ``coverage``: which networks our coupled filter pruning and Torch-Pruning's dependency graph can
+  prune, at the same per-layer ratio of channels: MACs, parameters and batch-1 torch latency of each.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 import time
@@ -33,7 +38,7 @@ from lightning_compress.methods.pruning.channels import analyse_channels, find_c
 from lightning_compress.methods.pruning.pruner import Pruner
 from lightning_compress.models import create_model
 
-from .common import (StepTimer, machine, model_latency, model_pruning, parser, proxy_baseline, proxy_datamodule,
+from .common import (StepTimer, machine, median_seconds, model_latency, model_pruning, parser, proxy_baseline, proxy_datamodule,
                      proxy_module, proxy_test, proxy_trainer, sparsity, write_result)
 
 
@@ -147,6 +152,87 @@ def filter_latency(args) -> None:
     _write("filter_latency", result)
 
 
+def _coverage_nets() -> dict:
+    import torchvision.models as tv
+
+    return {  # name: (builder, input side)
+        "vgg19_bn": (lambda: create_model("vgg19_bn"), 32),
+        "resnet18 (torchvision)": (lambda: tv.resnet18(num_classes=10), 32),
+        "resnet50 (torchvision)": (lambda: tv.resnet50(num_classes=10), 32),
+        "mobilenet_v2": (lambda: create_model("mobilenet_v2"), 32),
+        "mobilenet_v3_small (torchvision)": (lambda: tv.mobilenet_v3_small(num_classes=10), 64),
+        "shufflenet_v2_x1_0": (lambda: create_model("shufflenet_v2_x1_0"), 32),
+        "shufflenet_v2_x1_0 (torchvision)": (lambda: tv.shufflenet_v2_x1_0(num_classes=10), 64),
+        "squeezenet1_0 (torchvision)": (lambda: tv.squeezenet1_0(num_classes=10), 64),
+        "squeezenet1_1": (lambda: create_model("squeezenet1_1"), 32),
+        "xception": (lambda: create_model("xception"), 32),
+    }
+
+
+def _ours(model: torch.nn.Module, ratio: float) -> None:
+    channels = analyse_channels(model)
+    pruner = Pruner(model, find_channel_groups(model, channels), structure="filter", channels=channels)
+    pruner.attach()
+    pruner.update(ratio, first=True)
+    pruner.finalize()
+
+
+def _torch_pruning(model: torch.nn.Module, ratio: float, example: torch.Tensor) -> None:
+    import torch_pruning as tp
+
+    last = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))][-1]
+    tp.pruner.MetaPruner(model, example, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=ratio,
+                         ignored_layers=[last]).step()
+
+
+def coverage(args) -> None:
+    """Which networks each library prunes, at the same per-layer channel ratio: MACs, parameters, batch-1 latency."""
+    from importlib import metadata
+
+    rows = []
+    for name, (build, side) in _coverage_nets().items():
+        torch.manual_seed(0)
+        dense = build().eval()
+        example = torch.randn(1, 3, side, side)
+        size = (3, side, side)
+        row = {"model": name, "input": list(size), "macs_dense": compression_report(dense, size).macs,
+               "params_dense": sum(p.numel() for p in dense.parameters())}
+        convs = [n for n, m in dense.named_modules() if isinstance(m, torch.nn.Conv2d) and m.groups == 1]
+        row["plain_convs"] = len(convs)
+        row["plain_convs_we_prune"] = len(find_channel_groups(dense))
+        models = {"dense": dense}
+        for library, prune in (("ours", lambda m: _ours(m, args.ratio)),
+                               ("torch_pruning", lambda m: _torch_pruning(m, args.ratio, example))):
+            model = copy.deepcopy(dense)
+            try:
+                prune(model)
+                model.eval()
+                with torch.no_grad():
+                    model(example)
+            except Exception as err:  # the finding itself: which library cannot prune which network
+                row[library] = {"error": f"{type(err).__name__}: {err}"[:300]}
+                continue
+            macs = compression_report(model, size).macs
+            row[library] = {"macs": macs, "mac_reduction": round(row["macs_dense"] / macs, 2),
+                            "params": sum(p.numel() for p in model.parameters())}
+            models[library] = model
+        with torch.inference_mode():
+            seconds = median_seconds({k: (lambda m=m: m(example)) for k, m in models.items()}, args.repeats)
+        for library in models:
+            if library != "dense":
+                row[library]["latency_ms"] = round(1000 * seconds[library], 3)
+                row[library]["speedup"] = round(seconds["dense"] / seconds[library], 2)
+        row["latency_ms_dense"] = round(1000 * seconds["dense"], 3)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    _write("coverage", {"benchmark": "pruning_coverage", "machine": machine(), "ratio": args.ratio,
+                        "torch_pruning": metadata.version("torch-pruning"), "threads": torch.get_num_threads(),
+                        "note": "random weights (structure only); both prune a fraction `ratio` of each layer's (group's) "
+                                "channels by L1 magnitude, the output layer kept; latency: torch eager, batch 1, "
+                                "median of interleaved runs",
+                        "results": rows})
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = parser("pruning", __doc__)
     sub = ap.add_subparsers(dest="what", required=True)
@@ -160,13 +246,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--output", default="accuracy", help="results/pruning_<output>.json")
+    p = sub.add_parser("coverage", help="which nets ours and Torch-Pruning prune (needs torch-pruning)")
+    p.add_argument("--ratio", type=float, default=0.3)
+    p.add_argument("--repeats", type=int, default=20)
     p = sub.add_parser("filter-latency")
     p.add_argument("--filter-sparsity", type=float, default=0.5)
     p.add_argument("--repeats", type=int, default=10)
     for p in sub.choices.values():
         p.add_argument("--data-dir", default=None)
     args = ap.parse_args(argv)
-    {"overhead": overhead, "accuracy": accuracy, "filter-latency": filter_latency}[args.what](args)
+    {"overhead": overhead, "accuracy": accuracy, "filter-latency": filter_latency, "coverage": coverage}[args.what](args)
 
 
 if __name__ == "__main__":

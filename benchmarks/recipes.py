@@ -45,7 +45,8 @@ from lightning_compress.cli import build_cli
 from lightning_compress.data.cifar10_source import default_cache_dir, default_data_dir
 
 from .common import (BATCH_SIZE, RESULTS, TEST_IMAGES, TRAIN_IMAGES, export_fp32, fx_qat, machine, median_seconds,
-                     model_pruning, ort_session, parser, peer_energy_tucker, read_result, tucker_params, write_result)
+                     model_pruning, ort_session, parser, peer_energy_tucker, read_result, torch_pruning_to_macs, tucker_params,
+                     write_result)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -79,10 +80,15 @@ RUNS = [
     ("vgg19/composed", "vgg19_cifar10/composed.yaml", None),
     ("squeezenet1_1/baseline", "squeezenet1_1_cifar10/baseline.yaml", None),
     ("squeezenet1_1/qat_int8", "squeezenet1_1_cifar10/qat_int8.yaml", None),
+    ("squeezenet1_1/filter_prune", "squeezenet1_1_cifar10/filter_prune.yaml", None),
+    ("squeezenet1_1/filter_prune Torch-Pruning", "squeezenet1_1_cifar10/filter_prune.yaml", "torch_pruning"),
     ("shufflenet_v2/baseline", "shufflenet_v2_cifar10/baseline.yaml", None),
     ("shufflenet_v2/qat_int8", "shufflenet_v2_cifar10/qat_int8.yaml", None),
+    ("shufflenet_v2/filter_prune", "shufflenet_v2_cifar10/filter_prune.yaml", None),
     ("mobilenet_v2/baseline", "mobilenet_v2_cifar10/baseline.yaml", None),
     ("mobilenet_v2/qat_int8", "mobilenet_v2_cifar10/qat_int8.yaml", None),
+    ("mobilenet_v2/filter_prune", "mobilenet_v2_cifar10/filter_prune.yaml", None),
+    ("mobilenet_v2/filter_prune Torch-Pruning", "mobilenet_v2_cifar10/filter_prune.yaml", "torch_pruning"),
     ("xception/baseline", "xception_cifar10/baseline.yaml", None),
     ("xception/qat_int8", "xception_cifar10/qat_int8.yaml", None),
     ("xception/prune", "xception_cifar10/prune.yaml", None),
@@ -162,8 +168,20 @@ def _peer_torch_ao_qat(cli, config: dict, rows: dict) -> None:
     cli.model.model = fx_qat(cli.model.model.to(memory_format=torch.contiguous_format))
 
 
-PEERS = {"model_pruning": _peer_model_pruning, "tensorly_tucker": _peer_tensorly_tucker, "torch_ao_qat": _peer_torch_ao_qat}
-PEER_LABELS = {"model_pruning": "Lightning ModelPruning", "tensorly_tucker": "TensorLy Tucker, energy ranks",
+def _peer_torch_pruning(cli, config: dict, rows: dict) -> None:
+    """Torch-Pruning at our filter-pruning row's MACs, pruned once at the start; the same epochs, optimizer and
+    schedule then fine-tune it (the recipe without IterativePruning)."""
+    model = config["model"]["model"]
+    ours = next((r for n, r in rows.items() if n.endswith("/filter_prune") and r["model"] == model and not r["peer"]), None)
+    if ours is None:
+        raise SystemExit("the Torch-Pruning peer matches our filter-pruning row's MACs: run that row first")
+    _drop_callback(cli.trainer, "IterativePruning")
+    cli.model.model, ratio = torch_pruning_to_macs(cli.model.model, ours["macs"])
+    cli.model.peer_note = f"pruning_ratio {ratio:.4f}"
+
+
+PEERS = {"model_pruning": _peer_model_pruning, "torch_pruning": _peer_torch_pruning, "tensorly_tucker": _peer_tensorly_tucker, "torch_ao_qat": _peer_torch_ao_qat}
+PEER_LABELS = {"model_pruning": "Lightning ModelPruning", "torch_pruning": "Torch-Pruning 1.6 (MagnitudeImportance)", "tensorly_tucker": "TensorLy Tucker, energy ranks",
                "torch_ao_qat": "torch.ao FX QAT"}
 
 
