@@ -183,8 +183,30 @@ def _check_slimmed(module: nn.Module, callbacks: list[Callback], final: bool) ->
         assert [c.out_channels for c in convs] == alive and not any(hasattr(c, "weight_mask") for c in convs)
 
 
+def _filter(network, tmp, targets=None):
+    return [IterativePruning(sparsity=0.5, schedule="one_shot", start_epoch=0, structure="filter")]
+
+
+def _check_filtered(module: nn.Module, callbacks: list[Callback], final: bool) -> None:
+    """Channels tied by residual adds (ResNet) or by depthwise convs and squeeze-excitation products
+    (MobileNetV3) go as groups: masked during the fit, removed from every layer that carries them at its end."""
+    network = next(n for n, (build, _) in NETWORKS.items() if type(build()) is type(module.net))
+    dense = {n: m.out_channels for n, m in NETWORKS[network][0]().named_modules() if isinstance(m, nn.Conv2d)}
+    convs = {n: m for n, m in module.net.named_modules() if isinstance(m, nn.Conv2d)}
+    alive = {n: int(c.weight_mask.flatten(1).any(1).sum()) if hasattr(c, "weight_mask") else c.out_channels
+             for n, c in convs.items()}
+    assert sum(alive.values()) < 0.75 * sum(dense.values()), alive
+    if final:
+        assert {n: c.out_channels for n, c in convs.items()} == alive
+        assert not any(hasattr(c, "weight_mask") for c in convs.values())
+
+
 # Configurations run on one network of the matrix only (name -> (network, config)).
-EXTRA = {"slim": ("small_cnn", Config(_slim, _check_slimmed))}
+EXTRA = {
+    "slim": ("small_cnn", Config(_slim, _check_slimmed)),
+    "filter_residual": ("resnet18", Config(_filter, _check_filtered)),
+    "filter_depthwise": ("mobilenet_v3_small", Config(_filter, _check_filtered)),
+}
 
 # Cells refused in setup, and the words the refusal must contain (the layer or reason, and the fix).
 REFUSED: dict[tuple[str, str], tuple[str, ...]] = {}
