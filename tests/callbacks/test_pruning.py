@@ -185,6 +185,8 @@ def test_filter_pruning_removes_channels_and_keeps_the_function(network, kwargs,
     trainer.save_checkpoint(tmp := Path(tempfile.mkdtemp()) / "pruned.ckpt")
     fresh = ImageClassifier.load_from_checkpoint(tmp)
     assert torch.equal(fresh.model.eval()(outputs["x"]), module.model(outputs["x"]))
+    started = ImageClassifier(network, model_kwargs=kwargs, weights=str(tmp))  # a recipe's `weights:`
+    assert torch.equal(started.model.eval()(outputs["x"]), module.model(outputs["x"]))
 
 
 @pytest.mark.parametrize(
