@@ -20,7 +20,8 @@ class PackedLayer:
     """How one Conv / Linear weight was stored, and what each Deep Compression stage would cost it.
 
     ``gap_bits`` and ``code_bits`` are the Huffman averages per stored gap / code (``code_bits`` is
-    per weight for the dense encodings, the dtype's width for raw values). Stage bytes:
+    per weight for the dense encodings, per sub-vector for ``product_codebook``, whose ``distinct`` is
+    the largest sub-space codebook, the dtype's width for raw values). Stage bytes:
     ``pruned_bytes`` = the entries (fillers included) with ``index_bits`` relative indices and fp32
     values, ``shared_bytes`` = the same indices plus fixed-width codebook indices and an fp32
     codebook; each stage takes the dense layout instead where that is smaller, as the file does.
