@@ -19,6 +19,7 @@ BENCHMARKS = {
     "layer-profile": ("layer_profile", "per-layer training time of dense vs factorized VGG19 blocks"),
     "deep-compression": ("deep_compression", "prune -> share -> packed file on the proxy"),
     "packed-vgg19": ("packed_vgg19", "k-means, packed-file save / load times and size on VGG19"),
+    "sharing": ("sharing", "pq-vs-kmeans: product quantization vs scalar k-means at equal packed-file bytes (digits)"),
     "data-pipeline": ("data_pipeline", "CIFAR10DataModule throughput vs plain indexing and per-image transforms"),
     "executorch-latency": ("executorch_latency", "ExecuTorch int8 (XNNPACK) vs ONNX Runtime int8 / fp32, batch 1 (edge extra)"),
     "recipes": ("recipes", "run | latency: every recipe of recipes/ at CPU-proxy scale, beside its peers"),
