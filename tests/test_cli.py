@@ -22,8 +22,10 @@ def test_recipes_exist():
         assert f"{model}_cifar10/baseline.yaml" in names
     for model in ("squeezenet1_1", "mobilenet_v2", "shufflenet_v2", "xception"):
         assert f"{model}_cifar10/qat_int8.yaml" in names
-    for variant in ("prune_95", "prune_98", "filter_prune", "slimming", "qat_int8", "qat_w4a8", "tucker", "cp",
-                    "weight_sharing", "deep_compression", "composed"):
+    for model in ("squeezenet1_1", "mobilenet_v2", "shufflenet_v2"):
+        assert f"{model}_cifar10/filter_prune.yaml" in names
+    for variant in ("prune_95", "prune_98", "filter_prune", "slimming", "qat_int8", "qat_w4a8", "tucker", "tt", "cp",
+                    "flattened", "weight_sharing", "deep_compression", "composed"):
         assert f"vgg19_cifar10/{variant}.yaml" in names
 
 
@@ -48,6 +50,9 @@ def test_fast_dev_run(recipe, tiny_cifar_dir, tmp_path, monkeypatch):
         # full-width convs alone takes minutes on two cores) stays within CI's time. Xception's too: on
         # CPUs without bf16 kernels, bf16-mixed runs its depthwise convs one group at a time.
         args.append('--model.model_kwargs={"width": 0.25}')
+    if "model: mobilenet_v2" in recipe.read_text() or "model: shufflenet_v2" in recipe.read_text():
+        # Their depthwise convs too, in fp32: one step in bf16-mixed took minutes on two cores.
+        args.append("--trainer.precision=32-true")
     if "CIFAR10DataModule" in recipe.read_text():
         args += [
             f"--data.init_args.data_dir={tiny_cifar_dir}",
