@@ -141,7 +141,8 @@ def _pq_trainer(tmp_path, callbacks, max_epochs, monitor="val/acc"):
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor=monitor, mode="max", save_last=True, save_top_k=-1)
     return pl.Trainer(accelerator="cpu", max_epochs=max_epochs, callbacks=[*callbacks, checkpoint], logger=False,
                       enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                      limit_train_batches=10, default_root_dir=tmp_path), checkpoint
+                      limit_train_batches=10, limit_val_batches=2, limit_test_batches=2,
+                      default_root_dir=tmp_path), checkpoint
 
 
 class _Codes(pl.Callback):
