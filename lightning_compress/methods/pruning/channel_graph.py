@@ -32,11 +32,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
-from torch.nn.utils import parametrize
 
-from .masks import is_prunable
+from . import graph_ops as ops
+from .graph_ops import rebuild_problem
 
 __all__ = ["ChannelDependencies", "LayerChannels", "analyse_channels", "rebuild_problem"]
 
@@ -99,29 +98,6 @@ class ChannelDependencies:
         return {name: blocks[find(name)] for name in parent}
 
 
-_ELEMENTWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
-    nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Dropout, nn.Dropout2d, nn.Identity,
-)  # fmt: skip
-_POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-_ELEMENTWISE_CALLS = {
-    F.relu, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish,
-    F.hardsigmoid, F.hardtanh, F.softplus, F.dropout, F.dropout2d, torch.relu, torch.relu_, torch.sigmoid,
-    torch.tanh, "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "contiguous", "clone",
-}  # fmt: skip
-_POOL_CALLS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
-# Binary operations whose operands' channels line up (broadcast over N, H, W): they tie them.
-_TYING_CALLS = {operator.add, operator.iadd, torch.add, "add", "add_", operator.mul, operator.imul, torch.mul,
-                "mul", "mul_", operator.sub, torch.sub, "sub"}  # fmt: skip
-_CAT_CALLS = {torch.cat, torch.concat, "cat"}
-_SPLIT_CALLS = {torch.chunk, "chunk", torch.split, "split"}
-_RESHAPE_CALLS = {torch.flatten, torch.reshape, "flatten", "view", "reshape"}
-_TRANSPOSE_CALLS = {torch.transpose, "transpose"}
-_SHAPE_METHODS = {"size", "dim"}
-_SHAPE_ATTRIBUTES = {"shape", "ndim", "dtype", "device"}
-_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
-
-
 @dataclass(frozen=True)
 class _Channels:
     """A traced tensor's channels: element ids by position; ``flat`` once (N, C, H, W) became (N, C*H*W).
@@ -132,15 +108,6 @@ class _Channels:
     flat: bool = False
     groups: int = 0
     shuffled: bool = False
-
-
-class _LayerTracer(fx.Tracer):
-    """Keeps every conv, linear and norm layer one graph node (fx would trace into the masked
-    subclasses of ``masks.py``, whose ``weight * weight_mask`` would no longer be a named conv)."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        leaf_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.batchnorm._BatchNorm)
-        return isinstance(m, leaf_types) or super().is_leaf_module(m, module_qualified_name)
 
 
 def analyse_channels(model: nn.Module) -> ChannelDependencies:
@@ -161,7 +128,7 @@ def analyse_channels(model: nn.Module) -> ChannelDependencies:
     """
     convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     try:
-        graph = _LayerTracer().trace(model)
+        graph = ops.LayerTracer().trace(model)
     except Exception as err:  # fx fails in many ways (TraceError, TypeError on data-dependent control flow, ...)
         message = str(err).strip().splitlines()[0] if str(err).strip() else ""
         reason = f"symbolic tracing failed: {type(err).__name__}: {message}"
@@ -221,13 +188,13 @@ class _Propagation:
         if node.op == "output":
             self.pin(tracked, "output is a model output")
             return None
-        if _reads_only_shape(node):
+        if ops.reads_only_shape(node):
             return None
         if node.op == "call_module":
             return self.visit_module(node, node.target, self.modules[node.target], tracked)
         result = self.visit_call(node, node.target, tracked)
         if result is _UNKNOWN:
-            self.pin(tracked, f"output feeds {_describe(node, self.modules)}, which the channel analysis does not know")
+            self.pin(tracked, f"output feeds {ops.describe(node, self.modules)}, which the channel analysis does not know")
             return None
         return result
 
@@ -237,7 +204,7 @@ class _Propagation:
     def visit_module(self, node: fx.Node, name: str, module: nn.Module, tracked: list) -> Any:
         x = self.first(node)
         what = f"{type(module).__name__} {name!r}"
-        if isinstance(module, (nn.Conv2d, nn.Linear, *_NORM_TYPES)):
+        if isinstance(module, (nn.Conv2d, nn.Linear, *ops.NORM_TYPES)):
             problem = rebuild_problem(module)
             if problem is None and self.calls[name] > 1:
                 problem = f"module is called {self.calls[name]} times in forward"
@@ -250,7 +217,7 @@ class _Propagation:
                 return None
         if isinstance(module, nn.Conv2d):
             return self.visit_conv(node, name, module, x)
-        if isinstance(module, _NORM_TYPES):
+        if isinstance(module, ops.NORM_TYPES):
             if x is None:
                 return None
             if not isinstance(module, nn.BatchNorm2d):
@@ -270,9 +237,9 @@ class _Propagation:
                 return None
             self.uses[name] = ("linear", x.ids, None, module.in_features // len(x.ids))
             return None
-        if isinstance(module, _ELEMENTWISE_MODULES):
+        if isinstance(module, ops.ELEMENTWISE_MODULES):
             return x
-        if isinstance(module, _POOL_MODULES) and x is not None and not x.flat and not x.groups:
+        if isinstance(module, ops.POOL_MODULES) and x is not None and not x.flat and not x.groups:
             return x
         if isinstance(module, nn.Flatten) and x is not None and not x.groups:
             if (module.start_dim, module.end_dim) in ((1, -1), (1, 3)):
@@ -299,27 +266,27 @@ class _Propagation:
         x = self.first(node)
         if target in ("contiguous", "clone"):
             return x if len(tracked) == 1 else _UNKNOWN  # memory layout only: a shuffle's state survives it
-        if target in _ELEMENTWISE_CALLS:
+        if target in ops.ELEMENTWISE_CALLS:
             return x if len(tracked) == 1 and x is not None and not x.groups else _UNKNOWN
-        if target in _TYING_CALLS:
+        if target in ops.TYING_CALLS:
             return self.tie_operands(node, tracked)
         if target is operator.getitem and isinstance(self.values.get(node.args[0]), tuple):
             return self.values[node.args[0]][node.args[1]] if isinstance(node.args[1], int) else _UNKNOWN
-        if target in _CAT_CALLS:
+        if target in ops.CAT_CALLS:
             return self.concatenate(node) if tracked else None
         if x is None:
             return _UNKNOWN if tracked else None
         if x.flat:
             return _UNKNOWN
-        if target in _SPLIT_CALLS:
+        if target in ops.SPLIT_CALLS:
             return self.split(node, target, x)
-        if target in _POOL_CALLS and not x.groups:
+        if target in ops.POOL_CALLS and not x.groups:
             return x
-        if target in _RESHAPE_CALLS:
+        if target in ops.RESHAPE_CALLS:
             return self.reshape(node, x)
-        if target in _TRANSPOSE_CALLS and x.groups and not x.shuffled and sorted(node.args[1:3]) == [1, 2]:
+        if target in ops.TRANSPOSE_CALLS and x.groups and not x.shuffled and sorted(node.args[1:3]) == [1, 2]:
             return _Channels(x.ids, groups=x.groups, shuffled=True)
-        if target in (torch.mean, "mean") and not x.groups and (keep := _spatial_mean(node)) is not None:
+        if target in (torch.mean, "mean") and not x.groups and (keep := ops.spatial_mean(node)) is not None:
             return _Channels(x.ids, flat=not keep)
         return _UNKNOWN
 
@@ -358,8 +325,8 @@ class _Propagation:
         return tuple(_Channels(p) for p in parts)
 
     def reshape(self, node: fx.Node, x: _Channels) -> Any:
-        shape = _shape_args(node)
-        if x.groups and x.shuffled and (shape is not None and len(shape) == 4 or _is_flatten(node, 1, 2)):
+        shape = ops.shape_args(node)
+        if x.groups and x.shuffled and (shape is not None and len(shape) == 4 or ops.is_flatten(node, 1, 2)):
             g, n = x.groups, len(x.ids)
             per_group = n // g
             for i in range(per_group):
@@ -368,7 +335,7 @@ class _Propagation:
             return _Channels(tuple(x.ids[k * per_group + i] for i in range(per_group) for k in range(g)))
         if x.groups:
             return _UNKNOWN
-        if _is_flatten(node, 1, -1) or _is_flatten(node, 1, 3) or (shape is not None and len(shape) == 2 and shape[1] == -1):
+        if ops.is_flatten(node, 1, -1) or ops.is_flatten(node, 1, 3) or (shape is not None and len(shape) == 2 and shape[1] == -1):
             return _Channels(x.ids, flat=True)
         if shape is not None and len(shape) == 5:
             n = len(x.ids)
@@ -411,60 +378,3 @@ def _flatten(value: Any) -> list[_Channels]:
     if isinstance(value, (tuple, list)):
         return [c for v in value for c in _flatten(v)]
     return []
-
-
-def rebuild_problem(module: nn.Module) -> str | None:
-    """Why ``module`` cannot be rebuilt at another size, or None.
-
-    Only the plain layer classes and their masked versions are rebuilt: a subclass (a QAT conv, a
-    user's layer) may have constructor arguments and state this module does not know to carry over.
-    """
-    if not (is_prunable(module) or type(module) in _NORM_TYPES):
-        return f"{type(module).__name__} is not a plain or masked Conv/Linear or a BatchNorm1d/2d, so it is not rebuilt"
-    if parametrize.is_parametrized(module):
-        return f"{type(module).__name__} has parametrizations, which rebuilding would drop"
-    if "weight_orig" in module._parameters:
-        return f"{type(module).__name__} is pruned by torch.nn.utils.prune (call prune.remove first)"
-    return None
-
-
-def _reads_only_shape(node: fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target in _SHAPE_METHODS
-    return node.op == "call_function" and node.target is getattr and node.args[1] in _SHAPE_ATTRIBUTES
-
-
-def _shape_args(node: fx.Node) -> list | None:
-    if node.target not in ("view", "reshape", torch.reshape):
-        return None
-    shape = list(node.kwargs.get("shape", node.args[1:]))
-    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
-        shape = list(shape[0])
-    return shape
-
-
-def _is_flatten(node: fx.Node, start: int, end: int) -> bool:
-    if node.target not in (torch.flatten, "flatten"):
-        return False
-    got_start = node.kwargs.get("start_dim", node.args[1] if len(node.args) > 1 else 0)
-    got_end = node.kwargs.get("end_dim", node.args[2] if len(node.args) > 2 else -1)
-    return (got_start, got_end) == (start, end)
-
-
-def _spatial_mean(node: fx.Node) -> bool | None:
-    """For a mean over both spatial dims, whether it keeps them (keepdim); None for any other mean."""
-    dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-    keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
-    if not isinstance(dims, (tuple, list)) or {d % 4 for d in dims if isinstance(d, int)} != {2, 3}:
-        return None
-    return bool(keepdim)
-
-
-def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
-    if node.op == "call_module":
-        return f"{type(modules[node.target]).__name__} {node.target!r}"
-    if node.op == "call_method":
-        return f".{node.target}()"
-    if node.op == "call_function":
-        return f"{getattr(node.target, '__name__', node.target)}()"
-    return node.op
