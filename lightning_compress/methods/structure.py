@@ -53,7 +53,7 @@ MASK = "weight_mask"
 # Pruning buffers that only a run in progress needs (lottery-ticket rewinding, OBD's squared gradients).
 TRAINING_BUFFERS = ("weight_rewind", "weight_grad_sq")
 QUANT_BUFFERS = ("weight_bits", "activation_min", "activation_max", "activation_observed")
-CODEBOOK_BUFFERS = ("weight_code", "weight_codebook")
+CODEBOOK_BUFFERS = ("weight_code", "weight_codebook", "weight_pq_code", "weight_pq_codebook")
 EXTRA_STATE = "_extra_state"  # torch's key for get_extra_state(); fake-quant layers keep their formats there
 COMPRESSION_ENTRIES = (MASK, *TRAINING_BUFFERS, *QUANT_BUFFERS, *CODEBOOK_BUFFERS, EXTRA_STATE)
 
@@ -120,6 +120,13 @@ def _restore_layer(layer: nn.Module, own: Mapping[str, Any], key: str, target: A
         bits = int(math.log2(max(1, codebook.numel())))
         layer.register_buffer("weight_code", torch.full_like(layer.weight, -1, dtype=torch.int32))
         layer.register_buffer("weight_codebook", torch.zeros(2**bits, dtype=torch.float32, device=layer.weight.device))
+        changed = True
+    if has("weight_pq_codebook") and "weight_pq_codebook" not in layer._buffers and has("weight_pq_code"):
+        # Product quantization: shapes from the state dict ((rows, blocks) codes, (blocks, K, d) codebooks).
+        codes, codebook = own[key + "weight_pq_code"], own[key + "weight_pq_codebook"]
+        device = layer.weight.device
+        layer.register_buffer("weight_pq_code", torch.full(tuple(codes.shape), -1, dtype=torch.int32, device=device))
+        layer.register_buffer("weight_pq_codebook", torch.zeros(tuple(codebook.shape), dtype=torch.float32, device=device))
         changed = True
     _complete(layer, own, key, target, full_key)
     return changed

@@ -207,6 +207,11 @@ def test_product_quantization_fit_test_from_checkpoints_and_packed_file(tmp_path
     saved = torch.load(checkpoint.last_model_path, weights_only=True)["state_dict"]
     assert torch.equal(saved["model.features.3.weight_pq_code"], clustered)
     assert saved["model.features.3.weight_pq_codebook"].shape == (36, 8, 4)
+    # Without the callback: load_from_checkpoint and a recipe's weights: rebuild the codes' buffers too.
+    loaded = ImageClassifier.load_from_checkpoint(checkpoint.last_model_path)
+    assert torch.equal(loaded.model.features[3].weight_pq_code, clustered)
+    started = ImageClassifier("digits_cnn", weights=checkpoint.last_model_path)
+    assert torch.equal(started.model.features[3].weight, loaded.model.features[3].weight)
 
 
 def test_product_quantization_resumes_with_its_codes(tmp_path):
