@@ -78,6 +78,7 @@ RUNS = [
     ("vgg19/cp", "vgg19_cifar10/cp.yaml", None),
     ("vgg19/flattened", "vgg19_cifar10/flattened.yaml", None),
     ("vgg19/weight_sharing", "vgg19_cifar10/weight_sharing.yaml", None),
+    ("vgg19/weight_sharing_pq", "vgg19_cifar10/weight_sharing_pq.yaml", None),
     ("vgg19/deep_compression", "vgg19_cifar10/deep_compression.yaml", None),
     ("vgg19/composed", "vgg19_cifar10/composed.yaml", None),
     ("squeezenet1_1/baseline", "squeezenet1_1_cifar10/baseline.yaml", None),
