@@ -201,8 +201,36 @@ def _check_filtered(module: nn.Module, callbacks: list[Callback], final: bool) -
         assert not any(hasattr(c, "weight_mask") for c in convs.values())
 
 
+def _tt(network, tmp, targets=None):
+    return [TensorDecomposition(method="tt", rank=0.5, rank_multiple=1, print_table=False)]
+
+
+def _flattened(network, tmp, targets=None):
+    return [TensorDecomposition(method="flattened", rank=2, print_table=False)]
+
+
+def _pq(network, tmp, targets=None):
+    return [WeightSharing(method="pq", weight_bits=3, subvector_size={"net.0": 3, "*": 4}, start_epoch=1,
+                          export=str(tmp / "model.lcpk"))]
+
+
+def _check_product_shared(module: nn.Module, callbacks: list[Callback], final: bool) -> None:
+    """After fit: each weight's column blocks hold at most 2**bits distinct sub-vectors (its centroids)."""
+    convs = [m for m in module.net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if not final:
+        return  # the mid-fit checkpoint is from before clustering (start_epoch=1)
+    for m in convs:
+        rows = m.weight.detach().reshape(m.weight.shape[0], -1)
+        size = 3 if m is module.net[0] else 4
+        first_block = rows[:, :size]
+        assert first_block.unique(dim=0).shape[0] <= 8
+
+
 # Configurations run on one network of the matrix only (name -> (network, config)).
 EXTRA = {
+    "tt": ("small_cnn", Config(_tt, _check_decomposed)),
+    "flattened": ("small_cnn", Config(_flattened, _check_decomposed)),
+    "pq": ("small_cnn", Config(_pq, _check_product_shared)),
     "slim": ("small_cnn", Config(_slim, _check_slimmed)),
     "filter_residual": ("resnet18", Config(_filter, _check_filtered)),
     "filter_depthwise": ("mobilenet_v3_small", Config(_filter, _check_filtered)),
