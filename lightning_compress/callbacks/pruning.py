@@ -159,6 +159,7 @@ class IterativePruning(CompressionCallback):
         # Built in setup from the arguments alone.
         self._groups: dict[str, Any] = {}
         self._channels = None
+        self._left_whole: dict[str, str] = {}  # convs structure="filter" cannot prune, with the reason
         self._pruner: Pruner | None = None
 
     order = 1
@@ -190,6 +191,7 @@ class IterativePruning(CompressionCallback):
                 detail = "; ".join(f"{n}: {why}" for n, why in list(bad.items())[:6])
                 raise ValueError(f"structure='filter' cannot remove the channels of targets {sorted(bad)}: {detail}")
             skipped = [n for n in names if n not in self._groups]
+            self._left_whole = {n: refused.get(n, "not removable") for n in skipped}
             names = [n for n in names if n in self._groups]
             tied = [c for n in names for c in self._groups[n].coupled if c not in names]
             if tied:
@@ -396,6 +398,7 @@ class IterativePruning(CompressionCallback):
             "sparsity": self.history[-1][1] if self.history else 0.0,
             "history": [list(h) for h in self.history],
             "layers": self._pruner.layer_sparsities() if self._pruner is not None else {},
+            "left_whole": dict(self._left_whole),
         }
 
     @override

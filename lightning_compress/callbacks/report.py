@@ -18,6 +18,7 @@ from typing_extensions import override
 from ..methods.latency import interleaved_latency, onnx_runner, torch_runner
 from ..methods.report import CompressionSummary, compression_report, human_bytes
 from ..methods.structure import strip_structure
+from .base import compression_callbacks
 from .monitor import choose_monitor, measure_logged
 from .targets import compressible_root, detached
 
@@ -148,6 +149,11 @@ class CompressionReport(Callback):
         summary = compression_report(root, size)
         self.summary = summary
         extra: dict[str, Any] = {"artifacts": self._artifacts(trainer) if stage == "fit" else {}}
+        # Layers a technique had to leave as they were (why, per layer): the report says so, not only a warning.
+        left_whole = {name: f"{type(c).__name__}: {why}" for c in compression_callbacks(trainer)
+                      for name, why in c.summary.get("left_whole", {}).items()}
+        if left_whole:
+            extra["left_whole"] = left_whole
         if stage == "fit" and self.monitor_name is not None:
             logged = measure_logged(trainer, pl_module)
             self.metric_after = logged.get(self.monitor_name)
@@ -252,6 +258,10 @@ class CompressionReport(Callback):
                           f"{a:.3f} ms", f"{b / a:.2f}x as fast" if b and a else "")
         lines = [f"{artifact['kind']} file: {path} ({human_bytes(artifact['bytes'])})"
                  for path, artifact in extra.get("artifacts", {}).items()]
+        left = list(extra.get("left_whole", {}).items())
+        if left:
+            lines.append(f"left whole ({len(left)}): " + "; ".join(f"{n} ({why})" for n, why in left[:3])
+                         + (" ..." if len(left) > 3 else ""))
         lines += [f"report: {self.last_path}"] + [f"picture: {picture}" for picture in pictures]
         return Group(table, *lines)
 

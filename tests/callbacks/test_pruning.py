@@ -290,6 +290,7 @@ def test_filter_pruning_on_squeezenet_warns_about_the_output_conv_only():
     with pytest.warns(UserWarning, match="leaves 1 whose channels cannot be removed .*classifier.1: output is a model output"):
         pruning.setup(None, module, "fit")
     assert len(pruning._names) == 25
+    assert pruning.summary["left_whole"] == {"classifier.1": "output is a model output"}  # the report lists it
 
 
 def test_rehabilitation_freezes_masks_after_end_epoch():
