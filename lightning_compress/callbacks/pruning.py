@@ -50,9 +50,12 @@ class IterativePruning(CompressionCallback):
         structure: ``"unstructured"`` (single weights) or ``"filter"`` (whole output channels of
             convolutions, ranked by L1 / L2 norm (``norm``), masked with their BatchNorm channels during
             training and physically removed with the next layer's input channels at fit end when
-            ``finalize``: the model becomes smaller and faster on dense hardware). Filter
-            pruning needs plain chains (VGG); convolutions that feed residual adds, concatenations,
-            channel shuffles or depthwise convolutions (MobileNetV2, ShuffleNetV2) are refused.
+            ``finalize``: the model becomes smaller and faster on dense hardware). Channels tied by
+            residual adds, depthwise convs, concatenations, chunks or channel shuffles (ResNet,
+            MobileNet, ShuffleNet, SqueezeNet) are one group with one score, removed from every layer
+            that carries them; ``scope="layer"`` then prunes each block of tied convs to the target.
+            Convs whose channels cannot go (a model output, an untraceable forward) are left whole,
+            with the reason in a warning and in ``summary["left_whole"]``.
         criterion: ``"magnitude"``, ``"obd"`` (Optimal Brain Damage saliency 1/2 h_ii w_i^2, with the
             Hessian diagonal h_ii estimated as the mean squared mini-batch gradient over the steps
             since the previous update (the empirical Fisher); an update waits until at least
