@@ -39,7 +39,7 @@ import torch
 import yaml
 from torch import nn
 
-from lightning_compress import QuantizationAwareTraining, WeightSharing, compression_report, save_compressed
+from lightning_compress import IterativePruning, QuantizationAwareTraining, WeightSharing, compression_report, save_compressed
 from lightning_compress.callbacks.targets import compressible_root
 from lightning_compress.cli import build_cli
 from lightning_compress.data.cifar10_source import default_cache_dir, default_data_dir
@@ -92,6 +92,7 @@ RUNS = [
     ("mobilenet_v2/qat_int8", "mobilenet_v2_cifar10/qat_int8.yaml", None),
     ("mobilenet_v2/filter_prune", "mobilenet_v2_cifar10/filter_prune.yaml", None),
     ("mobilenet_v2/filter_prune Torch-Pruning", "mobilenet_v2_cifar10/filter_prune.yaml", "torch_pruning"),
+    ("mobilenet_v2/filter_prune one-shot", "mobilenet_v2_cifar10/filter_prune.yaml", "one_shot"),
     ("xception/baseline", "xception_cifar10/baseline.yaml", None),
     ("xception/qat_int8", "xception_cifar10/qat_int8.yaml", None),
     ("xception/prune", "xception_cifar10/prune.yaml", None),
@@ -183,8 +184,16 @@ def _peer_torch_pruning(cli, config: dict, rows: dict) -> None:
     cli.model.peer_note = f"pruning_ratio {ratio:.4f}"
 
 
-PEERS = {"model_pruning": _peer_model_pruning, "torch_pruning": _peer_torch_pruning, "tensorly_tucker": _peer_tensorly_tucker, "torch_ao_qat": _peer_torch_ao_qat}
-PEER_LABELS = {"model_pruning": "Lightning ModelPruning", "torch_pruning": "Torch-Pruning 1.6 (MagnitudeImportance)", "tensorly_tucker": "TensorLy Tucker, energy ranks",
+def _ours_one_shot(cli, config: dict, rows: dict) -> None:
+    """Our filter pruning pruned once at fit start, as the Torch-Pruning row is: what the schedule is worth."""
+    args = {k: v for k, v in _callback_args(config, "IterativePruning").items() if k not in ("end_epoch", "frequency")}
+    _drop_callback(cli.trainer, "IterativePruning")
+    cli.trainer.callbacks.insert(0, IterativePruning(**{**args, "schedule": "one_shot", "start_epoch": 0}))
+
+
+PEERS = {"model_pruning": _peer_model_pruning, "torch_pruning": _peer_torch_pruning, "one_shot": _ours_one_shot, "tensorly_tucker": _peer_tensorly_tucker, "torch_ao_qat": _peer_torch_ao_qat}
+PEER_LABELS = {"model_pruning": "Lightning ModelPruning", "torch_pruning": "Torch-Pruning 1.6 (MagnitudeImportance)",
+               "one_shot": "ours, one-shot at fit start (as Torch-Pruning)", "tensorly_tucker": "TensorLy Tucker, energy ranks",
                "torch_ao_qat": "torch.ao FX QAT"}
 
 
