@@ -188,8 +188,8 @@ def _filter(network, tmp, targets=None):
 
 
 def _check_filtered(module: nn.Module, callbacks: list[Callback], final: bool) -> None:
-    """Channels tied by residual adds (ResNet) or by depthwise convs and squeeze-excitation products
-    (MobileNetV3) go as groups: masked during the fit, removed from every layer that carries them at its end."""
+    """Channels tied by residual adds go as groups: masked during the fit, removed from every layer that
+    carries them at its end (depthwise convs and shuffles: tests/callbacks/test_pruning.py)."""
     network = next(n for n, (build, _) in NETWORKS.items() if type(build()) is type(module.net))
     dense = {n: m.out_channels for n, m in NETWORKS[network][0]().named_modules() if isinstance(m, nn.Conv2d)}
     convs = {n: m for n, m in module.net.named_modules() if isinstance(m, nn.Conv2d)}
@@ -233,7 +233,6 @@ EXTRA = {
     "pq": ("small_cnn", Config(_pq, _check_product_shared)),
     "slim": ("small_cnn", Config(_slim, _check_slimmed)),
     "filter_residual": ("resnet18", Config(_filter, _check_filtered)),
-    "filter_depthwise": ("mobilenet_v3_small", Config(_filter, _check_filtered)),
 }
 
 # Cells refused in setup, and the words the refusal must contain (the layer or reason, and the fix).
