@@ -34,7 +34,8 @@ BEST_WITHIN_POINTS = 1.0
 # Factorized layers report their stages (features.3.reduce, .core, ...); the plot groups them back.
 STAGES = ("reduce", "core", "expand", "vertical", "horizontal", "first", "second")
 TECHNIQUES = {"prune": "pruning", "filter": "pruning", "qat": "quantization", "tucker": "decomposition",
-              "cp": "decomposition", "sharing": "weight sharing", "deep_compression": "weight sharing",
+              "cp": "decomposition", "tt": "decomposition", "flattened": "decomposition", "slimming": "pruning",
+              "sharing": "weight sharing", "deep_compression": "weight sharing",
               "composed": "composed", "baseline": "baseline"}
 COLOURS = {"baseline": "black", "pruning": "tab:blue", "quantization": "tab:orange", "decomposition": "tab:green",
            "weight sharing": "tab:purple", "composed": "tab:red"}
