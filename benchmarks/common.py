@@ -270,21 +270,26 @@ def tucker_params(model: nn.Module, energy: float) -> int:
     return total
 
 
+def torch_pruning(model: nn.Module, ratio: float, example: torch.Tensor) -> None:
+    """Torch-Pruning in place: its dependency graph, ``MagnitudeImportance(p=1)``, ``ratio`` of each layer's
+    channels, the output layer ignored (the peer of our filter pruning)."""
+    import torch_pruning as tp
+
+    last = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+    tp.pruner.MetaPruner(model, example, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=ratio,
+                         ignored_layers=[last]).step()
+
+
 def torch_pruning_to_macs(model: nn.Module, target_macs: int, input_size=(3, 32, 32)) -> tuple[nn.Module, float]:
     """Torch-Pruning (its dependency graph, ``MagnitudeImportance(p=1)``, per-layer ratios, the output layer
     ignored) at the pruning ratio whose MACs (counted by our report, as for our rows) come closest to
     ``target_macs`` from above or at it; returns the pruned copy and the ratio. It raises where Torch-Pruning
     cannot prune the network (ShuffleNetV2's channel shuffle)."""
-    import torch_pruning as tp
-
     from lightning_compress import compression_report
 
     def pruned(ratio: float) -> nn.Module:
         copy_ = copy.deepcopy(model).cpu().eval().to(memory_format=torch.contiguous_format)
-        last = [m for m in copy_.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
-        example = torch.randn(1, *input_size)
-        tp.pruner.MetaPruner(copy_, example, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=ratio,
-                             ignored_layers=[last]).step()
+        torch_pruning(copy_, ratio, torch.randn(1, *input_size))
         return copy_
 
     low, high = 0.0, 0.9

@@ -38,7 +38,7 @@ from lightning_compress.methods.pruning.channels import analyse_channels, find_c
 from lightning_compress.methods.pruning.pruner import Pruner
 from lightning_compress.models import create_model
 
-from .common import (StepTimer, machine, median_seconds, model_latency, model_pruning, parser, proxy_baseline, proxy_datamodule,
+from .common import (StepTimer, machine, median_seconds, model_latency, torch_pruning, model_pruning, parser, proxy_baseline, proxy_datamodule,
                      proxy_module, proxy_test, proxy_trainer, sparsity, write_result)
 
 
@@ -177,14 +177,6 @@ def _ours(model: torch.nn.Module, ratio: float) -> None:
     pruner.finalize()
 
 
-def _torch_pruning(model: torch.nn.Module, ratio: float, example: torch.Tensor) -> None:
-    import torch_pruning as tp
-
-    last = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))][-1]
-    tp.pruner.MetaPruner(model, example, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=ratio,
-                         ignored_layers=[last]).step()
-
-
 def coverage(args) -> None:
     """Which networks each library prunes, at the same per-layer channel ratio: MACs, parameters, batch-1 latency."""
     from importlib import metadata
@@ -202,7 +194,7 @@ def coverage(args) -> None:
         row["plain_convs_we_prune"] = len(find_channel_groups(dense))
         models = {"dense": dense}
         for library, prune in (("ours", lambda m: _ours(m, args.ratio)),
-                               ("torch_pruning", lambda m: _torch_pruning(m, args.ratio, example))):
+                               ("torch_pruning", lambda m: torch_pruning(m, args.ratio, example))):
             model = copy.deepcopy(dense)
             try:
                 prune(model)
