@@ -198,8 +198,15 @@ def input_overrides(model: onnx.ModelProto, sites: list[Site], ranges: dict[str,
     the layer's input, and the tensor that input is a pooled or reshaped view of. Layers whose inputs lead
     back to one tensor with different ranges, or to a tensor that other nodes read in float (a LayerNorm
     output feeding a quantized q and float k, v), each read their own copy (an Identity, which ONNX
-    Runtime removes at load) instead, so that each keeps its own range and the others stay float."""
+    Runtime removes at load) instead, so that each keeps its own range and the others stay float.
+
+    A residual Add that also reads the tensor (MobileNetV2's and Xception's skip connections: the block's
+    input feeds its first conv and the Add after it) reads it in int8 either way; with a copy, ONNX Runtime
+    would quantize the tensor at a calibrated range for the Add and requantize it for the layer, a
+    dequantize -> quantize pair per block at batch 1. The Add reads it at the layer's learned range
+    instead, which QAT learned on this very tensor."""
     index = _Index(model.graph)
+    int8_adds = {node.name for node in model.graph.node if node.op_type == "Add"} - set(nodes_to_exclude(model, sites))
 
     def source(tensor: str) -> str:
         node = index.producer.get(tensor)
@@ -219,7 +226,7 @@ def input_overrides(model: onnx.ModelProto, sites: list[Site], ranges: dict[str,
         """Whether only the given layers' nodes read ``tensor`` (directly or through views): a range put on
         the tensor quantizes it for every reader, and a reader QAT ran in float must keep reading float."""
         for consumer in index.consumers.get(tensor, []):
-            if consumer.name in layers:
+            if consumer.name in layers or consumer.name in int8_adds:
                 continue
             if consumer.op_type in SAME_AS_INPUT_OPS and all(read_only_by(out, layers) for out in consumer.output):
                 continue

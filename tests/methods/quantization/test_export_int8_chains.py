@@ -104,6 +104,37 @@ def test_shufflenet_concat_and_channel_shuffle_stay_int8(tmp_path):
     _agrees(model, prototypes, path)
 
 
+class _InvertedResidual(nn.Module):
+    """MobileNetV2's block: the input feeds the block's first conv and the residual Add after it."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        wide = 2 * channels
+        self.body = nn.Sequential(nn.Conv2d(channels, wide, 1), nn.BatchNorm2d(wide), nn.ReLU6(),
+                                  nn.Conv2d(wide, wide, 3, padding=1, groups=wide), nn.BatchNorm2d(wide), nn.ReLU6(),
+                                  nn.Conv2d(wide, channels, 1), nn.BatchNorm2d(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+def _small_mobilenet() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU6(), _InvertedResidual(16),
+                         _InvertedResidual(16), _InvertedResidual(16), nn.Conv2d(16, 10, 1), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten())
+
+
+def test_residual_adds_are_not_requantized_for_the_next_block(tmp_path):
+    model, prototypes, path = _exported(_small_mobilenet, 150, tmp_path)
+    nodes, initializers = _optimized(path, tmp_path)
+    ops = [node.op_type for node in nodes]
+    assert ops.count("QLinearAdd") == 3 and "Add" not in ops
+    # Each block's input is read by its first conv and by its Add: one quantization, the conv's learned one,
+    # serves both, so no dequantize -> quantize pair sits between an Add and the next block.
+    assert _dequantized_readers(nodes, initializers) == ["GlobalAveragePool"]
+    _agrees(model, prototypes, path)
+
+
 def _small_squeezenet() -> nn.Module:
     """SqueezeNet 1.1's layout (fire modules, ceil-mode max pooling, a conv head before global pooling), smaller,
     and without the ReLU on the logits, which keeps a network this small from learning in a few steps."""
