@@ -60,7 +60,7 @@ def _digits_test(module, dm) -> float:
     return _digits_trainer(1).test(module, datamodule=dm, verbose=False)[0]["test/acc"]
 
 
-def _cp_like(layer, params: int):
+def cp_like(layer, params: int):
     """CP at the largest rank whose layer has no more than ``params`` parameters."""
     g = Geometry.of(layer)
     bias = g.out_features if g.bias else 0
@@ -117,7 +117,7 @@ def flattened_vs_cp(args) -> None:
     for terms in args.terms:
         def flat(name, layer, s=terms):
             return flattened(layer, min(s, flattened_full_terms(Geometry.of(layer))))
-        pairs.append((f"flattened, {terms} term(s) per filter", flat, _cp_like))
+        pairs.append((f"flattened, {terms} term(s) per filter", flat, cp_like))
     for fraction in args.tt_rank:
         def tt(name, layer, f=fraction):
             g = Geometry.of(layer)

@@ -16,9 +16,9 @@ TensorLy Tucker at energy ranks for ``TensorDecomposition``, torch.ao FX QAT for
 finish; an interrupted ``run`` resumes where it stopped (``--force`` reruns).
 
 The CPU scale (a GPU run would use the recipes unchanged): the proxy protocol's data (10,000 training
-images, the fixed 2,000-image test subset, batch 128, learning rate scaled with the batch), VGG19 at
-a quarter of its width, fp32; baselines train 15 epochs (mobile nets 5: their depthwise convolutions
-are slow on two cores), compression recipes a fifth of their epochs with every epoch-valued callback
+images, the fixed 2,000-image test subset, batch 128, learning rate scaled with the batch), VGG19 and
+Xception at a quarter of their width, fp32; baselines train 15 epochs (mobile nets 5: their depthwise
+convolutions are slow on two cores), compression recipes a fifth of their epochs with every epoch-valued callback
 argument scaled alike and step-valued ones (``frequency``) by the ratio of optimizer steps.
 Run artifacts go to ``checkpoints/recipes_cpu/`` (the recipes' own relative paths, beneath it).
 """
@@ -43,10 +43,12 @@ from lightning_compress import IterativePruning, QuantizationAwareTraining, Weig
 from lightning_compress.callbacks.targets import compressible_root
 from lightning_compress.cli import build_cli
 from lightning_compress.data.cifar10_source import default_cache_dir, default_data_dir
+from lightning_compress.methods.decomposition.apply import set_submodule
 
 from .common import (BATCH_SIZE, RESULTS, TEST_IMAGES, TRAIN_IMAGES, export_fp32, fx_qat, machine, median_seconds,
                      model_pruning, ort_session, parser, peer_energy_tucker, read_result, torch_pruning_to_macs, tucker_params,
                      write_result)
+from .decomposition import cp_like
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -57,6 +59,9 @@ FULL_TRAIN_IMAGES = 50_000
 BASELINE_EPOCHS = {"vgg19_bn": 15, "mobilenet_v2": 5, "shufflenet_v2_x1_0": 5, "squeezenet1_1": 5, "xception": 5}
 EPOCH_FRACTION = 0.2
 VGG_WIDTH = 0.25
+# Xception at full width has 4.5x MobileNetV2's MACs, most in depthwise-separable convs, which run slowly
+# on two cores: the CPU scale narrows it as it narrows VGG19.
+SCALED_WIDTHS = {"vgg19_bn": VGG_WIDTH, "xception": 0.25}
 WARMUP = 10  # TorchScript optimizes a graph over its first runs
 EPOCH_KEYS = ("start_epoch", "end_epoch", "freeze_observers_epoch", "freeze_bn_epoch")
 
@@ -77,6 +82,7 @@ RUNS = [
     ("vgg19/tt", "vgg19_cifar10/tt.yaml", None),
     ("vgg19/cp", "vgg19_cifar10/cp.yaml", None),
     ("vgg19/flattened", "vgg19_cifar10/flattened.yaml", None),
+    ("vgg19/flattened CP same params", "vgg19_cifar10/flattened.yaml", "cp_same_params"),
     ("vgg19/weight_sharing", "vgg19_cifar10/weight_sharing.yaml", None),
     ("vgg19/weight_sharing_pq", "vgg19_cifar10/weight_sharing_pq.yaml", None),
     ("vgg19/deep_compression", "vgg19_cifar10/deep_compression.yaml", None),
@@ -96,6 +102,7 @@ RUNS = [
     ("xception/baseline", "xception_cifar10/baseline.yaml", None),
     ("xception/qat_int8", "xception_cifar10/qat_int8.yaml", None),
     ("xception/prune", "xception_cifar10/prune.yaml", None),
+    ("xception/filter_prune", "xception_cifar10/filter_prune.yaml", None),
 ]
 
 
@@ -120,8 +127,8 @@ def scale_config(config: dict, data_dir: str, cache_dir: str) -> dict:
         if isinstance(args.get("frequency"), int):
             args["frequency"] = max(1, round(args["frequency"] * steps_ratio))
     model["lr"] = model["lr"] * BATCH_SIZE / old_batch
-    if model["model"] == "vgg19_bn":
-        model["model_kwargs"] = {**(model.get("model_kwargs") or {}), "width": VGG_WIDTH}
+    if model["model"] in SCALED_WIDTHS:
+        model["model_kwargs"] = {**(model.get("model_kwargs") or {}), "width": SCALED_WIDTHS[model["model"]]}
     data.update(data_dir=data_dir, cache_dir=cache_dir, batch_size=BATCH_SIZE, train_subset=TRAIN_IMAGES,
                 test_subset=TEST_IMAGES, split_seed=0, val_size=0)
     return config
@@ -184,6 +191,30 @@ def _peer_torch_pruning(cli, config: dict, rows: dict) -> None:
     cli.model.peer_note = f"pruning_ratio {ratio:.4f}"
 
 
+FLATTENED_STAGES = ("lateral", "vertical", "horizontal", "combine")
+
+
+def _peer_cp_same_params(cli, config: dict, rows: dict) -> None:
+    """CP in place of flattened, on each layer our flattened row factorized, at the largest rank within the
+    parameters that layer has there: the two at equal parameters per layer, the same fine-tuning after."""
+    ours = rows.get("vgg19/flattened")
+    if ours is None:
+        raise SystemExit("the CP peer matches our flattened row's parameters per layer: run vgg19/flattened first")
+    budget: dict[str, int] = {}
+    for layer in ours["layers"]:
+        parent, _, stage = layer["name"].rpartition(".")
+        if stage in FLATTENED_STAGES:
+            budget[parent] = budget.get(parent, 0) + layer["params"]
+    _drop_callback(cli.trainer, "TensorDecomposition")
+    model = cli.model.model
+    ranks = []
+    for name, params in budget.items():
+        chain = cp_like(model.get_submodule(name), params)
+        set_submodule(model, name, chain)
+        ranks.append(chain.ranks[0])
+    cli.model.peer_note = f"{len(budget)} layers, CP ranks {min(ranks)}-{max(ranks)}"
+
+
 def _ours_one_shot(cli, config: dict, rows: dict) -> None:
     """Our filter pruning pruned once at fit start, as the Torch-Pruning row is: what the schedule is worth."""
     args = {k: v for k, v in _callback_args(config, "IterativePruning").items() if k not in ("end_epoch", "frequency")}
@@ -191,9 +222,10 @@ def _ours_one_shot(cli, config: dict, rows: dict) -> None:
     cli.trainer.callbacks.insert(0, IterativePruning(**{**args, "schedule": "one_shot", "start_epoch": 0}))
 
 
-PEERS = {"model_pruning": _peer_model_pruning, "torch_pruning": _peer_torch_pruning, "one_shot": _ours_one_shot, "tensorly_tucker": _peer_tensorly_tucker, "torch_ao_qat": _peer_torch_ao_qat}
+PEERS = {"model_pruning": _peer_model_pruning, "cp_same_params": _peer_cp_same_params, "torch_pruning": _peer_torch_pruning, "one_shot": _ours_one_shot, "tensorly_tucker": _peer_tensorly_tucker, "torch_ao_qat": _peer_torch_ao_qat}
 PEER_LABELS = {"model_pruning": "Lightning ModelPruning", "torch_pruning": "Torch-Pruning 1.6 (MagnitudeImportance)",
                "one_shot": "ours, one-shot at fit start (as Torch-Pruning)", "tensorly_tucker": "TensorLy Tucker, energy ranks",
+               "cp_same_params": "ours, CP at flattened's parameters per layer",
                "torch_ao_qat": "torch.ao FX QAT"}
 
 

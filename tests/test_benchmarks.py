@@ -146,7 +146,7 @@ def _recipe(name):
 
 def test_recipe_scaling_keeps_each_schedule_in_proportion():
     from benchmarks.common import BATCH_SIZE, TEST_IMAGES, TRAIN_IMAGES
-    from benchmarks.recipes import VGG_WIDTH, scale_config
+    from benchmarks.recipes import SCALED_WIDTHS, VGG_WIDTH, scale_config
 
     recipe = _recipe("vgg19_cifar10/deep_compression.yaml")
     original = copy.deepcopy(recipe)
@@ -163,6 +163,8 @@ def test_recipe_scaling_keeps_each_schedule_in_proportion():
     assert (data["train_subset"], data["test_subset"], data["data_dir"]) == (TRAIN_IMAGES, TEST_IMAGES, "DATA")
     baseline = scale_config(_recipe("mobilenet_v2_cifar10/baseline.yaml"), "DATA", "CACHE")
     assert baseline["trainer"]["max_epochs"] == 5 and "model_kwargs" not in baseline["model"]
+    xception = scale_config(_recipe("xception_cifar10/filter_prune.yaml"), "DATA", "CACHE")
+    assert xception["model"]["model_kwargs"] == {"width": SCALED_WIDTHS["xception"]}
 
 
 def test_every_benchmarked_recipe_scales_to_a_valid_schedule():

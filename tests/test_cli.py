@@ -22,7 +22,7 @@ def test_recipes_exist():
         assert f"{model}_cifar10/baseline.yaml" in names
     for model in ("squeezenet1_1", "mobilenet_v2", "shufflenet_v2", "xception"):
         assert f"{model}_cifar10/qat_int8.yaml" in names
-    for model in ("squeezenet1_1", "mobilenet_v2", "shufflenet_v2"):
+    for model in ("squeezenet1_1", "mobilenet_v2", "shufflenet_v2", "xception"):
         assert f"{model}_cifar10/filter_prune.yaml" in names
     for variant in ("prune_95", "prune_98", "filter_prune", "slimming", "qat_int8", "qat_w4a8", "tucker", "tt", "cp",
                     "flattened", "weight_sharing", "weight_sharing_pq", "deep_compression", "composed"):
