@@ -13,6 +13,9 @@ Shared weights (a codebook) are seen either way they exist: while training, by t
 ``weight_code`` / ``weight_codebook``; after they were folded into a plain layer, by the weight holding
 few distinct non-zero values (at most 2^16, and at most one per 8 non-zeros, which trained fp32
 weights never do). Each weight then costs ``ceil(log2(#centroids))`` bits plus one fp32 per centroid.
+Product-quantized weights likewise: by ``weight_pq_code`` / ``weight_pq_codebook``, or, folded, by the
+column blocks of sub-vectors repeating (:func:`.sharing.product.folded_layout`); a weight costs
+``ceil(log2(#centroids)) / subvector_size`` bits plus the codebooks' fp32 sub-vectors.
 
 Bytes: ``dense_bytes`` is every parameter in fp32. ``compressed_bytes`` stores each Conv / Linear weight
 at its bits, densely or, when cheaper, as non-zeros each with a relative index of ``index_bits``
@@ -33,6 +36,8 @@ import torch
 from torch import nn
 
 from .atomic import write_atomic
+from .sharing.product import CODEBOOK as PRODUCT_CODEBOOK
+from .sharing.product import folded_layout, is_product_shared
 
 _WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _INDEX_BITS = {"Linear": 5}  # relative-index bits of sparse storage; convolutions: 8
@@ -182,6 +187,14 @@ def _codebook_size(module: nn.Module, effective: torch.Tensor, nonzeros: int) ->
     return distinct if distinct <= 2**16 and distinct * 8 <= nonzeros else None
 
 
+def _product_layout(module: nn.Module, effective: torch.Tensor) -> tuple[int, int] | None:
+    """``(subvector_size, centroids)`` of a product-quantized weight, from its buffers or its values."""
+    codebook = module._buffers.get(PRODUCT_CODEBOOK)
+    if is_product_shared(module) and codebook is not None:
+        return int(codebook.shape[2]), int(codebook.shape[1])
+    return folded_layout(effective) if effective.ndim > 1 else None
+
+
 def _weight_stats(name: str, module: nn.Module) -> LayerStats:
     weight = module.weight.detach()
     mask = getattr(module, "weight_mask", None)
@@ -200,6 +213,17 @@ def _weight_stats(name: str, module: nn.Module) -> LayerStats:
         stats["bits"] = float(max(1, math.ceil(math.log2(shared))))
         stats["note"] = f"shared, {shared} values"
         codebook_bytes = 4.0 * shared
+    # Product quantization has no pruned entries; sub-vectors of a pruned weight repeat for want of values.
+    dense = mask is None and nonzeros == weight.numel()
+    product = _product_layout(module, effective) if not hasattr(module, "weight_bits") and dense else None
+    if product is not None:
+        size, centroids = product
+        bits = max(1, math.ceil(math.log2(centroids))) / size
+        if shared is None or bits * weight.numel() / 8 + 4.0 * centroids * weight[0].numel() \
+                < stats["bits"] * weight.numel() / 8 + codebook_bytes:
+            stats["bits"] = bits
+            stats["note"] = f"product-quantized, {centroids} centroids of {size} per sub-space"
+            codebook_bytes = 4.0 * centroids * weight[0].numel()  # K x size floats per block
     custom = getattr(module, "compression_stats", None)
     if callable(custom):
         stats.update(custom())

@@ -56,6 +56,30 @@ def test_compression_stats_method_overrides():
     assert (rlin.bits, rlin.compressed_bytes, rlin.note) == (2, 10.0, "codebook")
 
 
+@pytest.mark.parametrize("folded", [False, True], ids=["buffers", "folded"])
+def test_product_quantized_weights_cost_their_codes_and_codebooks(folded):
+    from lightning_compress.methods.sharing.product import remove_product_buffers, share_product
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(96, 256, bias=False), nn.Linear(256, 10))
+    share_product(model[1], bits=4, subvector_size=8)  # 12 sub-spaces of 16 centroids
+    if folded:  # as at fit end: the weight holds its centroids, the buffers are gone
+        remove_product_buffers(model[1])
+    shared, plain = compression_report(model).layers
+    assert shared.bits == 4 / 8 and "16 centroids of 8" in shared.note
+    assert shared.compressed_bytes == 256 * 96 * 0.5 / 8 + 4 * 16 * 96  # codes + fp32 codebooks
+    assert plain.bits == 32 and plain.note == ""  # trained fp32 weights do not repeat sub-vectors
+
+
+def test_a_pruned_weight_is_not_taken_for_product_quantized():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(96, 512, bias=False))
+    with torch.no_grad():
+        model[0].weight[torch.rand(512, 96) < 0.98] = 0  # its sub-vectors repeat: mostly zeros
+    layer = compression_report(model).layers[0]
+    assert layer.bits == 32 and "product" not in layer.note
+
+
 def test_report_does_not_move_batchnorm_or_change_mode():
     model = _hand_model().train()
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -104,6 +104,41 @@ def add_product_buffers(module: nn.Module, bits: int, subvector_size: int) -> No
         module.register_load_state_dict_pre_hook(_keep_own_buffers)
 
 
+@torch.no_grad()
+def folded_layout(weight: torch.Tensor, max_subvector_size: int = 16) -> tuple[int, int] | None:
+    """``(subvector_size, centroids)`` of a product-quantized weight that was folded into a plain layer
+    (its buffers dropped at fit end), read off the weight alone: among the sub-vector lengths whose
+    column blocks each hold at most one distinct sub-vector per two rows (trained fp32 weights never
+    repeat so), the one whose codes and codebooks take the fewest bits; ``centroids`` is the most distinct
+    sub-vectors of any block. None when no length repeats so.
+
+    Example:
+        >>> layer = nn.Linear(16, 64)
+        >>> share_product(layer, bits=3, subvector_size=4)
+        >>> remove_product_buffers(layer)
+        >>> folded_layout(layer.weight)
+        (4, 8)
+        >>> folded_layout(nn.Linear(16, 64).weight) is None
+        True
+    """
+    matrix = weight.detach().reshape(weight.shape[0], -1)
+    rows, length = matrix.shape
+    best = None
+    for size in divisors(length):
+        if not 2 <= size <= max_subvector_size:
+            continue
+        blocks = matrix.reshape(rows, length // size, size)
+        if 2 * torch.unique(blocks[:, 0], dim=0).shape[0] > rows:  # the usual case, decided by one block
+            continue
+        centroids = max(torch.unique(blocks[:, b], dim=0).shape[0] for b in range(blocks.shape[1]))
+        if 2 * centroids > rows:
+            continue
+        bits = rows * (length // size) * max(1, math.ceil(math.log2(centroids))) + 32 * centroids * length
+        if best is None or bits < best[0]:
+            best = (bits, size, centroids)
+    return None if best is None else best[1:]
+
+
 def _keep_own_buffers(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
     """A state dict written without the sharing buffers (after fit end dropped them) keeps the layer's own,
     as :func:`..structure.restore_structure` does for the scalar codebooks."""
