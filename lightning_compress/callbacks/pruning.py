@@ -74,6 +74,11 @@ class IterativePruning(CompressionCallback):
             (for filters, remove the channels): the model computes the same, and its state dict loads into
             the unpruned architecture. False keeps the masks (to go on pruning in a later fit).
         log_layers: log each layer's sparsity besides the global one.
+        channel_multiple: ``structure="filter"``: every pruned conv (each block of tied convs) keeps a
+            multiple of this many channels, the nearest to its target (all of them when it has fewer).
+            Vector kernels work on blocks of channels (ONNX Runtime's NCHWc layout on x86, XNNPACK, tensor
+            cores): MobileNetV2 pruned to 2x fewer MACs with counts like 22 and 99 ran 1.3x *slower* than
+            unpruned in ONNX Runtime (batch 1, AVX2). 1 allows any count.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -107,6 +112,7 @@ class IterativePruning(CompressionCallback):
         rewind_epoch: int | None = None,
         finalize: bool = True,
         log_layers: bool = True,
+        channel_multiple: int = 8,
     ) -> None:
         if isinstance(sparsity, dict):
             if not sparsity:
@@ -136,6 +142,8 @@ class IterativePruning(CompressionCallback):
             raise ValueError(f"bn_penalty={bn_penalty} must be in [0, 1)")
         if obd_batches < 1:
             raise ValueError(f"obd_batches={obd_batches} must be >= 1")
+        if isinstance(channel_multiple, bool) or not isinstance(channel_multiple, int) or channel_multiple < 1:
+            raise ValueError(f"channel_multiple={channel_multiple!r} must be an integer >= 1 (1: any channel count)")
         if rewind_epoch is not None and not 0 <= rewind_epoch <= start_epoch:
             raise ValueError(f"rewind_epoch={rewind_epoch} must be in [0, start_epoch={start_epoch}]")
         super().__init__(targets)
@@ -148,6 +156,7 @@ class IterativePruning(CompressionCallback):
         self.structure = structure
         self.criterion = criterion
         self.norm = norm
+        self.channel_multiple = channel_multiple
         self.bn_penalty = bn_penalty
         self.obd_batches = obd_batches
         self.rewind_epoch = rewind_epoch
@@ -213,6 +222,16 @@ class IterativePruning(CompressionCallback):
                     f"structure='filter' found no convolution whose channels can be removed ({detail}). "
                     "Use structure='unstructured' for this model."
                 )
+            narrow = [n for n in names if model.get_submodule(n).out_channels <= self.channel_multiple]
+            if narrow and len(narrow) == len(names):
+                raise ValueError(
+                    f"channel_multiple={self.channel_multiple}: every targeted convolution has at most that many "
+                    f"output channels (e.g. {narrow[0]}: {model.get_submodule(narrow[0]).out_channels}), so none can "
+                    "keep a smaller multiple of it. Set channel_multiple=1 (any count) or a smaller multiple."
+                )
+            if narrow:
+                rank_zero_warn(f"channel_multiple={self.channel_multiple} leaves {len(narrow)} convolutions of at most "
+                               f"{self.channel_multiple} channels whole (e.g. {narrow[0]}); channel_multiple=1 prunes them")
         unnormed = [n for n in names if self.criterion == "bn_scale" and self._groups[n].norm is None]
         if unnormed:
             raise ValueError(f"criterion='bn_scale' ranks channels by the BatchNorm after each convolution; "
@@ -239,7 +258,8 @@ class IterativePruning(CompressionCallback):
             self._pruner.remove_hooks()
         self._pruner = Pruner(model, names, scope=self.scope, structure=self.structure, criterion=self.criterion,
                               norm=self.norm, rehabilitation=self.rehabilitation, margin=self.margin,
-                              layer_target=self.layer_sparsity, channels=self._channels, rewind=self.rewind_epoch is not None)
+                              layer_target=self.layer_sparsity, channels=self._channels, rewind=self.rewind_epoch is not None,
+                              channel_multiple=self.channel_multiple)
         self._pruner.saliency_batches = self.obd_count
         # A second fit after the masks were folded in: the exact zeros are the masks.
         self._pruner.attach(masks_from_zeros=bool(self.history))

@@ -246,11 +246,20 @@ def test_channels_last_and_bf16_mixed():
         (dict(schedule="linear"), "schedule='linear'"),
         (dict(rewind_epoch=3, start_epoch=1), "rewind_epoch=3"),
         (dict(sparsity={"a": 0.5}, scope="global"), "scope='layer'"),
+        (dict(channel_multiple=0), "channel_multiple=0 must be an integer >= 1"),
+        (dict(channel_multiple=8.0), "channel_multiple=8.0 must be an integer >= 1"),
     ],
 )
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         IterativePruning(**kwargs)
+
+
+def test_channel_multiple_wider_than_every_target_is_refused_with_the_fix():
+    model = ImageClassifier("digits_cnn")
+    widest = max(m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    with pytest.raises(ValueError, match=f"channel_multiple={widest}: every targeted convolution .*channel_multiple=1"):
+        IterativePruning(structure="filter", channel_multiple=widest).setup(None, model, "fit")
 
 
 def test_targets_matching_nothing():

@@ -354,3 +354,41 @@ def test_tracing_failure_makes_every_conv_unsupported():
     assert list(reasons) == ["a", "b"] and all(r.startswith("symbolic tracing failed") for r in reasons.values())
     with pytest.raises(ValueError, match="'a'.*symbolic tracing failed"):
         remove_channels(model, {"a": torch.ones(4, dtype=torch.bool)})
+
+
+@pytest.mark.parametrize("multiple", [1, 8])
+def test_channel_multiple_keeps_multiples_of_it_in_every_pruned_conv(multiple):
+    from lightning_compress.methods.pruning.pruner import Pruner
+
+    torch.manual_seed(0)
+    model = _randomise(create_model("mobilenet_v2", num_classes=10)).eval()
+    dense = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    channels = analyse_channels(model)
+    names = list(find_channel_groups(model, channels))
+    pruner = Pruner(model, names, structure="filter", channels=channels, channel_multiple=multiple)
+    pruner.attach()
+    pruner.update(0.31, first=True)
+    pruner.finalize()
+    counts = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    pruned = {n: c for n, c in counts.items() if c < dense[n]}
+    assert len(pruned) > 30  # the target was reached: most convs lost channels
+    odd = {n: c for n, c in pruned.items() if c % 8}
+    if multiple == 8:
+        assert not odd, odd
+    else:
+        assert odd  # 31% of 32, 96, 144, ... channels: counts such as 22 and 99
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_channel_multiple_rounds_to_the_nearest_count_by_score():
+    from lightning_compress.methods.pruning.coupled import CoupledChannels
+
+    model = nn.Sequential(nn.Conv2d(3, 20, 3), nn.BatchNorm2d(20), nn.ReLU(), nn.Conv2d(20, 4, 1))
+    channels = analyse_channels(model)
+    coupled = CoupledChannels(channels, ["0"])
+    scores = {"0": torch.arange(20, dtype=torch.float)}  # channel i scores i
+    for kept, want in ((11, 8), (13, 16), (12, 16), (19, 20), (3, 8)):
+        keep = {"0": torch.arange(20) >= 20 - kept}
+        rounded = coupled.round_kept(keep, scores, 8)["0"]
+        assert int(rounded.sum()) == want and bool(rounded[20 - want:].all())  # the best-scored ones
+    assert coupled.round_kept(keep, scores, 1) is keep

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import selection as S
 from .channel_graph import ChannelDependencies
 
 __all__ = ["CoupledChannels"]
@@ -97,6 +98,30 @@ class CoupledChannels:
                 valid = slot >= 0
                 kept[slot[valid]] |= conv_keep[conv].cpu()[valid]
             out[leader] = kept
+        return out
+
+    def round_kept(self, group_keep: dict[str, torch.Tensor], scores: dict[str, torch.Tensor],
+                   multiple: int) -> dict[str, torch.Tensor]:
+        """Each block keeps the count of groups nearest to its selection that leaves its convs a multiple of
+        ``multiple`` channels (or all of them), its best-scored groups. Why: a runtime's vector kernels work
+        on blocks of channels (ONNX Runtime's NCHWc layout: 8 on AVX2, 16 on AVX-512; XNNPACK and tensor
+        cores likewise), and a conv of 22 channels falls back to slower code. MobileNetV2 at 2x fewer MACs
+        with such counts ran 1.3x slower than unpruned in ONNX Runtime, at batch 1 on two AVX2 cores."""
+        if multiple <= 1:
+            return group_keep
+        out = {}
+        for leader, keep in group_keep.items():
+            slot = self.slot[leader]
+            groups = keep.numel()
+            if groups == 0:
+                out[leader] = keep
+                continue
+            pinned = int((slot < 0).sum())
+            per_group = (slot.numel() - pinned) // groups  # channels of the leader conv per group
+            allowed = [n for n in range(1, groups + 1) if n == groups or (pinned + n * per_group) % multiple == 0]
+            kept = int(keep.sum())
+            best = min(allowed, key=lambda n: (abs(n - kept), -n))
+            out[leader] = keep if best == kept else S.keep_top(scores[leader], best)
         return out
 
     def block_target(self, leader: str, target: float, layer_target: Callable[[str, float], float]) -> float:

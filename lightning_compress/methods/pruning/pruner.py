@@ -64,6 +64,8 @@ class Pruner:
             exact zeros for good (gradients masked, optimizer state cleared).
         layer_target: a layer's sparsity when the overall target is t (per-layer sparsities); default t.
         rewind: keep a copy of the weights to rewind the survivors to after each update (lottery tickets).
+        channel_multiple: filters only: each block of tied convs keeps a multiple of this many channels
+            (the nearest to its target; all of them when fewer), see :meth:`.CoupledChannels.round_kept`.
     """
 
     def __init__(
@@ -79,8 +81,10 @@ class Pruner:
         layer_target: Callable[[str, float], float] | None = None,
         channels: ChannelDependencies | None = None,
         rewind: bool = False,
+        channel_multiple: int = 1,
     ) -> None:
         self.root, self.names = root, list(names)
+        self.channel_multiple = channel_multiple
         self.scope, self.structure, self.criterion, self.norm = scope, structure, criterion, norm
         self.rehabilitation, self.margin = rehabilitation, margin
         self.layer_target = layer_target or (lambda name, target: target)
@@ -200,6 +204,7 @@ class Pruner:
         else:
             targets = {block: self.coupled.block_target(block, target, self.layer_target) for block in scores}
             block_keep = S.layer_keep(scores, targets)
+        block_keep = self.coupled.round_kept(block_keep, scores, self.channel_multiple)
         return self.coupled.conv_keep(block_keep, scores)
 
     def norm_layer(self, name: str) -> nn.Module:
