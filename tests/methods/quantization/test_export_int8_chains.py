@@ -202,3 +202,20 @@ def test_fold_shapes_leaves_what_depends_on_the_batch_otherwise():
     for batch in (2, 6):
         x = torch.randn(batch, 3)
         np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], Batchwise()(x).numpy())
+
+
+def test_seven_bit_weights_run_exactly_in_a_default_session(tmp_path):
+    """With weights in [-63, 63] a pair of u8 x s8 products fits in 16 bits: ONNX Runtime's default kernels
+    compute what the file describes also on x86 CPUs without VNNI, where 8-bit weights saturate (the README's
+    advice for such targets; on other CPUs both sessions agree anyway)."""
+    torch.manual_seed(0)
+    model = _small_mobilenet().eval()
+    _quantize(model, 7, None)
+    calibration = [torch.randn(16, *SHAPE) for _ in range(2)]
+    calibrate(model, calibration)
+    path = export_onnx(model, tmp_path / "model.onnx", calibration).path
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    default = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    x = torch.randn(32, *SHAPE).numpy()
+    assert np.array_equal(default.run(None, {"input": x})[0], exact_session(path, threads=1).run(None, {"input": x})[0])
