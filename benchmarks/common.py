@@ -298,3 +298,14 @@ def torch_pruning_to_macs(model: nn.Module, target_macs: int, input_size=(3, 32,
         macs = compression_report(pruned(mid), input_size=input_size).macs
         low, high = (mid, high) if macs > target_macs else (low, mid)
     return pruned(high), high
+
+
+def cp_like(layer, params: int):
+    """CP at the largest rank whose layer has no more than ``params`` parameters (a peer at a size)."""
+    from lightning_compress.methods.decomposition import Geometry, factorize
+    from lightning_compress.methods.decomposition.layers import cp_params
+
+    g = Geometry.of(layer)
+    bias = g.out_features if g.bias else 0
+    rank = max(1, (params - bias) // (cp_params(1, g) - bias))
+    return factorize.cp(layer, rank)

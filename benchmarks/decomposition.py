@@ -33,7 +33,7 @@ from lightning_compress.methods.decomposition.flattened import flattened, flatte
 from lightning_compress.methods.decomposition.layers import cp_params, tucker_params
 from lightning_compress.methods.decomposition.tensor_train import clamp_tt_ranks, tensor_train, tt_bounds
 
-from .common import (RESULTS, machine, parser, peer_energy_tucker, proxy_baseline, proxy_datamodule, proxy_test,
+from .common import (RESULTS, cp_like, machine, parser, peer_energy_tucker, proxy_baseline, proxy_datamodule, proxy_test,
                      proxy_trainer, write_result)
 
 
@@ -58,14 +58,6 @@ def _digits_trainer(epochs: int) -> pl.Trainer:
 
 def _digits_test(module, dm) -> float:
     return _digits_trainer(1).test(module, datamodule=dm, verbose=False)[0]["test/acc"]
-
-
-def cp_like(layer, params: int):
-    """CP at the largest rank whose layer has no more than ``params`` parameters."""
-    g = Geometry.of(layer)
-    bias = g.out_features if g.bias else 0
-    rank = max(1, (params - bias) // (cp_params(1, g) - bias))
-    return factorize.cp(layer, rank)
 
 
 def _tucker_like(layer, params: int):

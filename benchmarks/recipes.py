@@ -45,10 +45,9 @@ from lightning_compress.cli import build_cli
 from lightning_compress.data.cifar10_source import default_cache_dir, default_data_dir
 from lightning_compress.methods.decomposition.apply import set_submodule
 
-from .common import (BATCH_SIZE, RESULTS, TEST_IMAGES, TRAIN_IMAGES, export_fp32, fx_qat, machine, median_seconds,
+from .common import (BATCH_SIZE, RESULTS, cp_like, TEST_IMAGES, TRAIN_IMAGES, export_fp32, fx_qat, machine, median_seconds,
                      model_pruning, ort_session, parser, peer_energy_tucker, read_result, torch_pruning_to_macs, tucker_params,
                      write_result)
-from .decomposition import cp_like
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"

@@ -222,6 +222,11 @@ class IterativePruning(CompressionCallback):
                     f"structure='filter' found no convolution whose channels can be removed ({detail}). "
                     "Use structure='unstructured' for this model."
                 )
+        unnormed = [n for n in names if self.criterion == "bn_scale" and self._groups[n].norm is None]
+        if unnormed:
+            raise ValueError(f"criterion='bn_scale' ranks channels by the BatchNorm after each convolution; "
+                             f"{unnormed[:6]} have none. Target the convolutions that have one, or use criterion='magnitude'")
+        if self.structure == "filter":
             narrow = [n for n in names if model.get_submodule(n).out_channels <= self.channel_multiple]
             if narrow and len(narrow) == len(names):
                 raise ValueError(
@@ -232,10 +237,6 @@ class IterativePruning(CompressionCallback):
             if narrow:
                 rank_zero_warn(f"channel_multiple={self.channel_multiple} leaves {len(narrow)} convolutions of at most "
                                f"{self.channel_multiple} channels whole (e.g. {narrow[0]}); channel_multiple=1 prunes them")
-        unnormed = [n for n in names if self.criterion == "bn_scale" and self._groups[n].norm is None]
-        if unnormed:
-            raise ValueError(f"criterion='bn_scale' ranks channels by the BatchNorm after each convolution; "
-                             f"{unnormed[:6]} have none. Target the convolutions that have one, or use criterion='magnitude'")
         if isinstance(self.sparsity, dict):
             names = [n for n in names if first_match(n, self.sparsity) is not None]
             if not names:
