@@ -192,15 +192,19 @@ def export_fp32(model: nn.Module, path: Path) -> None:
                       opset_version=17, dynamo=False)
 
 
-def ort_session(path: Path, threads: int, spinning: bool = True):
+def ort_session(path: Path, threads: int, spinning: bool = True, exact: bool = False):
     """``spinning=False`` for sessions that take turns with torch: ONNX Runtime's threads otherwise
-    busy-wait after each run and starve whatever runs next on the same cores."""
+    busy-wait after each run and starve whatever runs next on the same cores. ``exact``: ONNX Runtime's
+    u8 x s8 kernels on x86 CPUs without VNNI add pairs of products in 16 bits and saturate;
+    ``session.x64quantprecision`` runs the arithmetic the file describes, as VNNI and Arm CPUs do anyway."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if exact:
+        options.add_session_config_entry("session.x64quantprecision", "1")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

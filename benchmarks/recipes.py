@@ -247,17 +247,9 @@ def _accuracy(predict, datamodule) -> float:
 
 
 def _ort_predict(path: Path, exact: bool = False):
-    """``exact``: ONNX Runtime's u8 x s8 kernels on x86 CPUs without VNNI (this one) add pairs of products
-    in 16 bits and saturate; ``session.x64quantprecision`` runs the arithmetic the file describes, which
-    VNNI and Arm CPUs run anyway. The default session is what a user of this CPU gets."""
-    session = ort_session(path, torch.get_num_threads())
-    if exact:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        options.add_session_config_entry("session.x64quantprecision", "1")
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    """``exact``: the int8 arithmetic the file describes (see ``ort_session``); the default session is what a
+    user of this CPU gets."""
+    session = ort_session(path, torch.get_num_threads(), exact=exact)
     return lambda images: torch.from_numpy(session.run(None, {"input": images.numpy()})[0])
 
 

@@ -219,11 +219,11 @@ def _weight_stats(name: str, module: nn.Module) -> LayerStats:
     if product is not None:
         size, centroids = product
         bits = max(1, math.ceil(math.log2(centroids))) / size
-        if shared is None or bits * weight.numel() / 8 + 4.0 * centroids * weight[0].numel() \
-                < stats["bits"] * weight.numel() / 8 + codebook_bytes:
+        codebooks = 4.0 * centroids * weight[0].numel()  # K x size floats per column block
+        if shared is None or bits * weight.numel() / 8 + codebooks < stats["bits"] * weight.numel() / 8 + codebook_bytes:
             stats["bits"] = bits
             stats["note"] = f"product-quantized, {centroids} centroids of {size} per sub-space"
-            codebook_bytes = 4.0 * centroids * weight[0].numel()  # K x size floats per block
+            codebook_bytes = codebooks
     custom = getattr(module, "compression_stats", None)
     if callable(custom):
         stats.update(custom())
