@@ -14,6 +14,7 @@ from typing_extensions import override
 
 from ..methods.quantization import ROUNDINGS, Format, bake_quantized_weight, calibrate, can_quantize, quantize_layer
 from ..methods.quantization.formats import check_bits, check_fixed_point, check_scheme
+from ..methods.quantization.shared_ranges import shared_range_groups, tie_input_ranges
 from .base import CompressionCallback, artifact_path, working
 from .targets import batch_inputs, compressible_root, detached, resolve_targets
 
@@ -50,6 +51,11 @@ class QuantizationAwareTraining(CompressionCallback):
         binary_activations: with ``scheme="binary"``, binarize activations too (BNN); the first layer's
             input (the image) stays in floating point.
         momentum: of the activation range's moving average.
+        shared_ranges: layers that read parts of one joined tensor (concatenated, split, sliced or reshaped:
+            ShuffleNetV2's split halves) quantize their inputs on one range, the union of theirs, as int8
+            runtimes need to move such data as bytes (see
+            :mod:`lightning_compress.methods.quantization.shared_ranges`); found by tracing the network
+            with ``torch.fx`` (one that does not trace keeps a range per layer). False: a range per layer.
         targets: module-name globs; default every Conv1d, Conv2d and Linear.
         finalize: at fit end the weights take their quantized values for good (the full-precision copy
             the optimizer trained is dropped): the model computes what it computed at the last step, and
@@ -92,6 +98,7 @@ class QuantizationAwareTraining(CompressionCallback):
         rounding: Literal["nearest", "stochastic"] = "nearest",
         binary_activations: bool = False,
         momentum: float = 0.1,
+        shared_ranges: bool = True,
         targets: list[str] | None = None,
         finalize: bool = True,
         export: str | None = None,
@@ -138,6 +145,7 @@ class QuantizationAwareTraining(CompressionCallback):
         self.rounding = rounding
         self.binary_activations = binary_activations
         self.momentum = momentum
+        self.shared_ranges = shared_ranges
         self.finalize = finalize
         if export is not None and (scheme in ("fixed_point", "binary") or weight_bits > 8
                                    or (activation_bits is not None and activation_bits > 8)):
@@ -154,6 +162,8 @@ class QuantizationAwareTraining(CompressionCallback):
         self.executorch_artifact = None  # ExecutorchExport of the program written at fit end
         self.calibrated = False  # checkpointed (PTQ)
         self.enabled = False  # fake quantization was on at some step of this fit
+        self.range_groups: list[list[str]] = []  # layer names that share one input range, found in setup
+        self._told_groups = False
 
     order = 2
 
@@ -192,6 +202,14 @@ class QuantizationAwareTraining(CompressionCallback):
                            self.per_channel)
         if stage == "fit":
             self._set_flags(epoch)  # a later start_epoch: the layers compute in float until then
+        if self.shared_ranges:
+            ours = set(names)
+            groups = [[n for n in group if n in ours] for group in shared_range_groups(root)]
+            self.range_groups = [group for group in groups if len(group) > 1]
+            if self.range_groups and not self._told_groups:
+                rank_zero_info(f"QuantizationAwareTraining: {sum(map(len, self.range_groups))} layers that read parts of "
+                               f"one joined tensor share an input range, in {len(self.range_groups)} groups")
+                self._told_groups = True
         max_epochs = trainer.max_epochs if trainer is not None else None
         if stage == "fit" and self.mode == "qat" and max_epochs is not None and 0 <= max_epochs <= self.start_epoch:
             rank_zero_warn(f"QuantizationAwareTraining(start_epoch={self.start_epoch}) never fake-quantizes: fit has "
@@ -214,6 +232,7 @@ class QuantizationAwareTraining(CompressionCallback):
                 model(batch_inputs(trainer.strategy.batch_to_device(batch)))
 
             seen = calibrate(pl_module, islice(trainer.train_dataloader, self.calibration_batches), forward)
+            tie_input_ranges(self._root, self.range_groups)
             self.calibrated = True
             rank_zero_info(f"QuantizationAwareTraining: PTQ calibrated {len(self._names)} layers on {seen} batches")
         self._set_flags(0)
@@ -238,6 +257,9 @@ class QuantizationAwareTraining(CompressionCallback):
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if self.range_groups and self.mode == "qat" and trainer.current_epoch >= self.start_epoch and (
+                self.freeze_observers_epoch is None or trainer.current_epoch < self.freeze_observers_epoch):
+            tie_input_ranges(self._root, self.range_groups)  # after this step's observers moved
         if self.scheme == "binary":
             with torch.no_grad():  # BinaryConnect: the real-valued weights stay in [-1, 1]
                 for layer in self.layers.values():

@@ -204,3 +204,40 @@ def test_batchnorm_folding_is_exact_for_per_channel_weights():
 def test_export_refuses_formats_without_int8_kernels():
     with pytest.raises(ValueError, match=r"export needs 2\.\.8-bit"):
         QuantizationAwareTraining(scheme="binary", weight_bits=1, export="x.onnx")
+
+
+class _Shuffled(pl.LightningModule):
+    """A user's own module (no ``.model``) with ShuffleNetV2's split -> conv -> concat -> shuffle blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from tests.methods.quantization.test_shared_ranges import SplitJoin
+
+        self.net = SplitJoin()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits, _ = self.net(x)
+        return nn.functional.cross_entropy(logits, y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    def train_dataloader(self):
+        torch.manual_seed(0)
+        data = torch.utils.data.TensorDataset(torch.randn(64, 3, 8, 8), torch.randint(0, 5, (64,)))
+        return torch.utils.data.DataLoader(data, batch_size=16)
+
+
+@pytest.mark.parametrize("shared_ranges", [True, False])
+def test_layers_reading_one_joined_tensor_train_on_one_range(shared_ranges):
+    module = _Shuffled()
+    qat = QuantizationAwareTraining(shared_ranges=shared_ranges)
+    _trainer([qat], max_epochs=1).fit(module)
+    net = module.net
+    ranges = {(float(net.get_submodule(n).activation_min), float(net.get_submodule(n).activation_max))
+              for n in ("first", "second", "head")}
+    if shared_ranges:
+        assert qat.range_groups == [["net.first", "net.head", "net.second"]] and len(ranges) == 1
+    else:
+        assert qat.range_groups == [] and len(ranges) == 3

@@ -204,9 +204,12 @@ def input_overrides(model: onnx.ModelProto, sites: list[Site], ranges: dict[str,
     input feeds its first conv and the Add after it) reads it in int8 either way; with a copy, ONNX Runtime
     would quantize the tensor at a calibrated range for the Add and requantize it for the layer, a
     dequantize -> quantize pair per block at batch 1. The Add reads it at the layer's learned range
-    instead, which QAT learned on this very tensor."""
+    instead, which QAT learned on this very tensor. A Concat that reads it (ShuffleNetV2's identity half) is
+    left to :func:`~.onnx_concat.share_concat_ranges`, which gives the joined tensors one quantization when
+    their readers learned one range, and copies otherwise."""
     index = _Index(model.graph)
-    int8_adds = {node.name for node in model.graph.node if node.op_type == "Add"} - set(nodes_to_exclude(model, sites))
+    int8_joins = ({node.name for node in model.graph.node if node.op_type in ("Add", "Concat")}
+                  - set(nodes_to_exclude(model, sites)))
 
     def source(tensor: str) -> str:
         node = index.producer.get(tensor)
@@ -226,7 +229,7 @@ def input_overrides(model: onnx.ModelProto, sites: list[Site], ranges: dict[str,
         """Whether only the given layers' nodes read ``tensor`` (directly or through views): a range put on
         the tensor quantizes it for every reader, and a reader QAT ran in float must keep reading float."""
         for consumer in index.consumers.get(tensor, []):
-            if consumer.name in layers or consumer.name in int8_adds:
+            if consumer.name in layers or consumer.name in int8_joins:
                 continue
             if consumer.op_type in SAME_AS_INPUT_OPS and all(read_only_by(out, layers) for out in consumer.output):
                 continue

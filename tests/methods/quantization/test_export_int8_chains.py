@@ -19,6 +19,7 @@ from torch import nn
 from lightning_compress.methods.quantization import calibrate
 from lightning_compress.methods.quantization.export import export_onnx
 from lightning_compress.methods.quantization.onnx_shapes import fold_shapes
+from lightning_compress.methods.quantization.shared_ranges import shared_range_groups, tie_input_ranges
 from lightning_compress.models import create_model
 from tests.methods.quantization.test_export_models import (INPUTS, _decisive, _inputs, _quantize,  # noqa: F401
                                                            one_thread)
@@ -64,13 +65,15 @@ def _small_shufflenet() -> nn.Module:
     return torchvision.models.ShuffleNetV2([2, 2, 2], [8, 16, 32, 64, 128], num_classes=10)
 
 
-def _exported(build, steps, tmp_path, lr=3e-3):
+def _exported(build, steps, tmp_path, lr=3e-3, shared_ranges=False):
     torch.manual_seed(0)
     model, prototypes = build(), torch.randn(10, *SHAPE)
     _decisive(model, prototypes, steps, lr)
     _quantize(model, 8, None)
     calibration = [_inputs(prototypes, torch.randint(0, 10, (32,))) for _ in range(4)]
     calibrate(model, calibration)
+    if shared_ranges:  # as QuantizationAwareTraining(shared_ranges=True) ties them
+        tie_input_ranges(model, shared_range_groups(model))
     summary = export_onnx(model, tmp_path / "model.onnx", calibration)
     return model, prototypes, summary.path
 
@@ -86,21 +89,20 @@ def _agrees(model, prototypes, path) -> None:
     assert float((got - expected).abs().mean() / expected.abs().mean()) < 0.1
 
 
-def test_shufflenet_concat_and_channel_shuffle_stay_int8(tmp_path):
-    model, prototypes, path = _exported(_small_shufflenet, 150, tmp_path)
+@pytest.mark.parametrize("shared_ranges", [False, True])
+def test_shufflenet_concat_and_channel_shuffle_stay_int8(tmp_path, shared_ranges):
+    model, prototypes, path = _exported(_small_shufflenet, 150, tmp_path, shared_ranges=shared_ranges)
     nodes, initializers = _optimized(path, tmp_path)
     ops = [node.op_type for node in nodes]
     # The shape arithmetic of chunk and channel_shuffle is folded: nothing measures a tensor at run time.
     assert not {"Shape", "Gather", "Unsqueeze", "Div"} & set(ops)
     assert "Concat" not in ops and ops.count("QLinearConcat") == 6  # one per block
-    assert all(_copies_bytes(node, initializers) for node in nodes if node.op_type == "QLinearConcat")
-    # The channel shuffles run on int8. What still dequantizes is where a layer reads the chain with its own
-    # learned range (ONNX Runtime requantizes there, through the float form of the op before it): the half
-    # of each stride-1 block that its branch reads (3 Slices), each stage's output for the next stage's two
-    # branches and for the last conv (5), and the head's mean.
-    left = _dequantized_readers(nodes, initializers)
-    assert "Concat" not in left and "Transpose" not in left and left.count("ReduceMean") == 1
-    assert len(left) <= 3 + 5 + 1, left
+    # Concats, shuffles and slices run on int8 from the first conv to the head's mean. With a learned range
+    # per branch conv the tensor each branch reads carries that range (no dequantize -> quantize pair);
+    # the Concats requantize their inputs then, and copy bytes when the branches share one range.
+    assert _dequantized_readers(nodes, initializers) == ["ReduceMean"]
+    copies = [_copies_bytes(node, initializers) for node in nodes if node.op_type == "QLinearConcat"]
+    assert all(copies) if shared_ranges else not any(copies)
     _agrees(model, prototypes, path)
 
 
