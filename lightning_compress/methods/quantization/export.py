@@ -354,6 +354,7 @@ def export_onnx(
     onnx_graph.strip_markers(graph_model, sites, weights)
     onnx_shapes.fold_shapes(graph_model, batches[0][:1].numpy())
     ranges = {n: (*e.input_range, signed[n]) for n, e in expected.items() if e.input_range is not None}
+    onnx_graph.lookup_relus(graph_model, sites)
     activations = onnx_graph.input_overrides(graph_model, sites, ranges)
     fp32_bytes = graph_model.ByteSize()
     graph_model = _shape_inference(graph_model)

@@ -25,7 +25,7 @@ COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
 # the ratio of its input and output scales leaves a bounded range (a pooled tensor whose learned range is
 # much narrower than its input's), and in float it cost nothing measurable (VGG19 x0.25, batch 1, two
 # threads: 0.47-0.48 ms either way, four sessions each, interleaved).
-PASS_THROUGH_OPS = ("Relu", "Clip", "MaxPool", "Add", "Concat", "Flatten",
+PASS_THROUGH_OPS = ("Relu", "LeakyRelu", "Clip", "MaxPool", "Add", "Concat", "Flatten",
                     "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Resize", "Pad", "Split", "Slice")
 
 
@@ -208,7 +208,7 @@ def input_overrides(model: onnx.ModelProto, sites: list[Site], ranges: dict[str,
     left to :func:`~.onnx_concat.share_concat_ranges`, which gives the joined tensors one quantization when
     their readers learned one range, and copies otherwise."""
     index = _Index(model.graph)
-    int8_joins = ({node.name for node in model.graph.node if node.op_type in ("Add", "Concat")}
+    int8_joins = ({node.name for node in model.graph.node if node.op_type in ("Add", "Concat", "LeakyRelu")}
                   - set(nodes_to_exclude(model, sites)))
 
     def source(tensor: str) -> str:
@@ -252,6 +252,31 @@ def input_overrides(model: onnx.ModelProto, sites: list[Site], ranges: dict[str,
 
     ONNXModel(model).topological_sort()
     return overrides
+
+
+def lookup_relus(model: onnx.ModelProto, sites: list[Site]) -> int:
+    """A ReLU between an int8 tensor that other nodes read too (a residual sum, a block input that also
+    feeds the shortcut) and a layer that learned its own range for the ReLU's output (Xception's blocks
+    start so) is where ONNX Runtime leaves int8: it cannot fold the ReLU into the quantization of a
+    tensor that others read unclipped, so it requantizes through float (a DequantizeLinear, then a
+    QuantizeLinear that clips). Written as ``LeakyRelu(alpha=0)``, the same function, its QDQ form fuses
+    into one int8 table lookup (``QLinearLeakyRelu``), which reads the tensor at whatever quantization it
+    has (see ``input_overrides``). In place; returns how many were rewritten."""
+    index = _Index(model.graph)
+    learned = {site.input for site in sites if site.input is not None}
+    joins = {node.name for node in model.graph.node if node.op_type in ("Add", "Concat")}
+    int8 = ({site.node for site in sites} | joins) - set(nodes_to_exclude(model, sites))
+    rewritten = 0
+    for node in model.graph.node:
+        if node.op_type != "Relu" or node.output[0] not in learned:
+            continue
+        source = index.producer.get(node.input[0])
+        shared = source is not None and (source.op_type != "Conv" or len(index.consumers[node.input[0]]) > 1)
+        if shared and source.name in int8:
+            node.op_type = "LeakyRelu"
+            node.attribute.append(onnx.helper.make_attribute("alpha", 0.0))
+            rewritten += 1
+    return rewritten
 
 
 def name_nodes(model: onnx.ModelProto) -> None:

@@ -137,6 +137,36 @@ def test_residual_adds_are_not_requantized_for_the_next_block(tmp_path):
     _agrees(model, prototypes, path)
 
 
+class _ReluFirstBlock(nn.Module):
+    """Xception's block: ReLU -> conv -> BN on the branch, added to the input or to a strided 1x1 conv of it."""
+
+    def __init__(self, channels: int, out: int, stride: int) -> None:
+        super().__init__()
+        self.branch = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, out, 3, stride, 1), nn.BatchNorm2d(out))
+        self.shortcut = (nn.Sequential(nn.Conv2d(channels, out, 1, stride), nn.BatchNorm2d(out)) if stride > 1
+                         else nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.branch(x) + self.shortcut(x)
+
+
+def _small_xception() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), _ReluFirstBlock(16, 16, 1),
+                         _ReluFirstBlock(16, 32, 2), _ReluFirstBlock(32, 32, 1), nn.ReLU(), nn.Conv2d(32, 10, 1),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def test_relus_after_residual_sums_are_int8_lookups(tmp_path):
+    model, prototypes, path = _exported(_small_xception, 150, tmp_path)
+    nodes, initializers = _optimized(path, tmp_path)
+    ops = [node.op_type for node in nodes]
+    # Each ReLU that reads a sum and feeds a conv is one int8 table lookup, not a dequantize -> quantize
+    # pair; the sum feeds the strided shortcut conv at the range that conv learned.
+    assert ops.count("QLinearLeakyRelu") == 4 and ops.count("QLinearAdd") == 3
+    assert _dequantized_readers(nodes, initializers) == ["GlobalAveragePool"]
+    _agrees(model, prototypes, path)
+
+
 def _small_squeezenet() -> nn.Module:
     """SqueezeNet 1.1's layout (fire modules, ceil-mode max pooling, a conv head before global pooling), smaller,
     and without the ReLU on the logits, which keeps a network this small from learning in a few steps."""
