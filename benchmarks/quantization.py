@@ -24,6 +24,7 @@ import torch
 from lightning_compress import QuantizationAwareTraining
 from lightning_compress.methods.quantization import Format, calibrate, quantize_layer
 from lightning_compress.methods.quantization.export import export_onnx
+from lightning_compress.methods.quantization.shared_ranges import shared_range_groups, tie_input_ranges
 from lightning_compress.models import create_model
 
 from .common import (StepTimer, export_fp32, fx_qat, machine, median_seconds, ort_session, parser, proxy_baseline,
@@ -251,6 +252,8 @@ def onnx_models(args) -> None:
                 if type(layer) in (torch.nn.Conv2d, torch.nn.Linear):
                     quantize_layer(layer, Format(8, "symmetric"), Format(8, "affine"))
             calibrate(quantized, [(b, None) for b in calibration])
+            if args.shared_ranges:  # as QuantizationAwareTraining(shared_ranges=True) does
+                tie_input_ranges(quantized, shared_range_groups(quantized))
             start = time.perf_counter()
             export_onnx(quantized, files["int8"], calibration)
             export_seconds = time.perf_counter() - start
@@ -271,7 +274,7 @@ def onnx_models(args) -> None:
                          "bytes": {k: p.stat().st_size for k, p in files.items()}})
             print(json.dumps(rows[-1]), flush=True)
     _write("quantization_onnx_models", {"machine": machine(), "threads": args.threads, "repeats": args.repeats,
-                                        "spinning": args.spinning, "runs": rows})
+                                        "spinning": args.spinning, "shared_ranges": args.shared_ranges, "runs": rows})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -297,6 +300,8 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--repeats", type=int, default=300)
     # As the recipes' latency: without spinning, ONNX Runtime's idle threads do not take the shared cores.
     m.add_argument("--spinning", action="store_true")
+    m.add_argument("--no-shared-ranges", dest="shared_ranges", action="store_false",
+                   help="a learned input range per layer, also where layers read parts of one joined tensor")
     args = ap.parse_args(argv)
     {"step-time": step_time, "accuracy": accuracy, "onnx-latency": onnx_latency,
      "onnx-models": onnx_models}[args.command](args)

@@ -3,6 +3,7 @@
     python -m benchmarks recipes run               # every run below (about an hour on two cores)
     python -m benchmarks recipes run --only vgg19  # runs whose name starts with a prefix
     python -m benchmarks recipes latency           # ONNX Runtime / torch latency of every artifact
+    python -m benchmarks recipes latency-paired    # each row against its own baseline only
     python -m benchmarks report recipes            # README table and the PNG plots from the JSON
 
 Each run loads a recipe from ``recipes/``, scales it down with one fixed rule (below), trains it through
@@ -398,18 +399,13 @@ def latency(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     for r in data["runs"]:
         path = WORK / r["latency_file"]
-        if not path.is_file():  # an artifact of an earlier session, since deleted: its figures stay, marked
+        runner = _runner(r, args.threads)
+        if runner is None:  # an artifact of an earlier session, since deleted: its figures stay, marked
             print(f"{r['name']}: {path} is gone; keeping its latency from an earlier run")
             r["latency_run"] = "earlier"
             continue
         r.pop("latency_run", None)
-        if r["runtime"] == "onnxruntime":
-            # without spinning: spinning ORT threads starved the torch runner that came next on two
-            # cores (torch.ao's model took 32 ms between ORT sessions and 0.46 ms alone)
-            session = ort_session(path, args.threads, spinning=False)
-            runners[r["name"]] = lambda x, s=session: s.run(None, {"input": x.numpy()})
-        else:
-            runners[r["name"]] = torch.jit.load(str(path)).eval()
+        runners[r["name"]] = runner
         if r["name"].endswith("/baseline") and (path.parent / "model.fp32.pt").is_file():
             runners[r["name"] + " (torch)"] = torch.jit.load(str(path.parent / "model.fp32.pt")).eval()
     x = torch.randn(1, 3, 32, 32)
@@ -428,6 +424,43 @@ def latency(args: argparse.Namespace) -> None:
               + (" (earlier run)" if r.get("latency_run") else ""))
 
 
+def _runner(r: dict, threads: int):
+    """A callable that runs the row's artifact on one input, or None when the artifact is gone."""
+    path = WORK / r["latency_file"]
+    if not path.is_file():
+        return None
+    if r["runtime"] == "onnxruntime":
+        # without spinning: spinning ORT threads starved the torch runner that came next on two
+        # cores (torch.ao's model took 32 ms between ORT sessions and 0.46 ms alone)
+        session = ort_session(path, threads, spinning=False)
+        return lambda x: session.run(None, {"input": x.numpy()})
+    return torch.jit.load(str(path)).eval()
+
+
+def latency_paired(args: argparse.Namespace) -> None:
+    """Each row against its own baseline only, the two taking turns: no other model's weights pass through
+    the caches between their runs, as they do in ``latency`` (where the light nets' int8 files measured
+    1.31-1.63x against 1.51-1.71x this way). Writes ``latency_paired_ms`` and ``speedup_paired``."""
+    data = _load()
+    torch.set_num_threads(args.threads)
+    rows = {r["name"]: r for r in data["runs"]}
+    x = torch.randn(1, 3, 32, 32)
+    for r in data["runs"]:
+        base = rows.get(f"{r['name'].split('/')[0]}/baseline")
+        if base is None or base is r or base["runtime"] != r["runtime"]:
+            continue
+        runners = {"baseline": _runner(base, args.threads), "row": _runner(r, args.threads)}
+        if None in runners.values():
+            continue
+        median = median_seconds({k: (lambda f=f: f(x)) for k, f in runners.items()}, args.repeats, WARMUP)
+        r["latency_paired_ms"] = round(1000 * median["row"], 3)
+        r["speedup_paired"] = median["baseline"] / median["row"]
+        print(f"{r['name']:40s} {r['latency_paired_ms']:8.3f} ms  {r['speedup_paired']:.2f}x against "
+              f"{1000 * median['baseline']:.3f} ms", flush=True)
+    data["latency_paired"] = {"batch": 1, "threads": args.threads, "repeats": args.repeats, "machine": machine()}
+    _save(data)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = parser("recipes", __doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -440,8 +473,11 @@ def main(argv: list[str] | None = None) -> None:
     lat = sub.add_parser("latency", help="batch-1 CPU latency of every artifact, taking turns")
     lat.add_argument("--threads", type=int, default=2)
     lat.add_argument("--repeats", type=int, default=100)
+    pair = sub.add_parser("latency-paired", help="batch-1 CPU latency of every row against its own baseline only")
+    pair.add_argument("--threads", type=int, default=2)
+    pair.add_argument("--repeats", type=int, default=300)
     args = ap.parse_args(argv)
-    {"run": run, "latency": latency}[args.command](args)
+    {"run": run, "latency": latency, "latency-paired": latency_paired}[args.command](args)
 
 
 if __name__ == "__main__":
