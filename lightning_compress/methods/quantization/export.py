@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..pruning.masks import is_masked, remove_mask
-from .layers import dequantize_layer, is_quantized
+from .layers import LayerTracer, dequantize_layer, is_quantized
 
 
 CONVS = (nn.Conv1d, nn.Conv2d)
@@ -88,18 +88,12 @@ def _last_conv(module: nn.Module) -> nn.Module | None:
     return module if isinstance(module, CONVS) else None
 
 
-class _LayerTracer(fx.Tracer):
-    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        # Their forwards branch on Python flags and buffers; only where they sit matters here.
-        return is_quantized(module) or is_masked(module) or super().is_leaf_module(module, qualified_name)
-
-
 def _traced_pairs(model: nn.Module) -> list[tuple[str, str]] | None:
     """``(conv, batchnorm)`` module names where the BatchNorm is the only reader of a quantized conv's
     output, each called once (a module called twice cannot be folded for one call); None when the model
     does not trace."""
     try:
-        graph = _LayerTracer().trace(model)
+        graph = LayerTracer().trace(model)
     except Exception:  # any Python fx cannot follow (data-dependent control flow, unsupported calls)
         return None
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from ..distributed import is_distributed
 from ..pruning.masks import MaskedConv1d, MaskedConv2d, MaskedLinear, is_masked
@@ -173,6 +173,14 @@ _UNQUANTIZED = {quantized: plain for plain, quantized in _QUANTIZED.items()}
 
 def is_quantized(module: nn.Module) -> bool:
     return isinstance(module, _QuantizedMixin)
+
+
+class LayerTracer(fx.Tracer):
+    """``torch.fx`` tracing that keeps fake-quant and pruned layers whole: their forwards branch on Python
+    flags and buffers; only where they sit and what they read matters to the graph analyses here."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return is_quantized(module) or is_masked(module) or super().is_leaf_module(module, qualified_name)
 
 
 def can_quantize(module: nn.Module) -> bool:

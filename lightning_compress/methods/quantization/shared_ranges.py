@@ -27,8 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..pruning.masks import is_masked
-from .layers import is_quantized
+from .layers import LayerTracer, is_quantized
 
 # Operators whose output holds (some of) their input's values, unchanged.
 MOVING_FUNCTIONS = {torch.cat, torch.concat, torch.chunk, torch.split, torch.tensor_split, torch.narrow,
@@ -40,12 +39,6 @@ MOVING_METHODS = {"chunk", "split", "tensor_split", "narrow", "view", "reshape",
                   "permute", "contiguous", "squeeze", "unsqueeze", "swapaxes", "movedim", "clone", "__getitem__"}
 MOVING_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.ChannelShuffle,
                   nn.PixelShuffle, nn.PixelUnshuffle)
-
-
-class _LeafTracer(fx.Tracer):
-    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        # Their forwards branch on Python flags and buffers; only what they read matters here.
-        return is_quantized(module) or is_masked(module) or super().is_leaf_module(module, qualified_name)
 
 
 def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
@@ -86,7 +79,7 @@ def _traced_groups(model: nn.Module) -> list[list[str]] | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # what a network's code warns about while traced is said again at run
-            graph = _LeafTracer().trace(model)
+            graph = LayerTracer().trace(model)
     except Exception:  # any Python torch.fx cannot follow (data-dependent control flow, unsupported calls)
         return None
     parent: dict[fx.Node, fx.Node] = {}
