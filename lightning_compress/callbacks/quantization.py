@@ -164,6 +164,7 @@ class QuantizationAwareTraining(CompressionCallback):
         self.enabled = False  # fake quantization was on at some step of this fit
         self.range_groups: list[list[str]] = []  # layer names that share one input range, found in setup
         self._told_groups = False
+        self._observing = False  # set each epoch by _set_flags
 
     order = 2
 
@@ -221,6 +222,7 @@ class QuantizationAwareTraining(CompressionCallback):
         for layer in self.layers.values():
             layer.quant_enabled = self.mode == "ptq" or epoch >= self.start_epoch
             layer.observing = observing
+        self._observing = observing and epoch >= self.start_epoch  # ranges move in this epoch's steps
         self.enabled = self.enabled or self.mode == "ptq" or epoch >= self.start_epoch
 
     @override
@@ -257,8 +259,7 @@ class QuantizationAwareTraining(CompressionCallback):
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
-        if self.range_groups and self.mode == "qat" and trainer.current_epoch >= self.start_epoch and (
-                self.freeze_observers_epoch is None or trainer.current_epoch < self.freeze_observers_epoch):
+        if self.range_groups and self._observing:
             tie_input_ranges(self._root, self.range_groups)  # after this step's observers moved
         if self.scheme == "binary":
             with torch.no_grad():  # BinaryConnect: the real-valued weights stay in [-1, 1]

@@ -99,11 +99,10 @@ def _traced_groups(model: nn.Module) -> list[list[str]] | None:
         elif node.op == "call_module" and is_quantized(model.get_submodule(node.target)) and node.args \
                 and isinstance(node.args[0], fx.Node):
             readers.setdefault(node.target, []).append(node.args[0])
+    for inputs in readers.values():
+        for source in inputs[1:]:  # a layer called on several groups joins them: it has one range
+            parent[find(source)] = find(inputs[0])
     by_root: dict[fx.Node, list[str]] = {}
-    for name, inputs in readers.items():
-        roots = {find(source) for source in inputs}
-        for root in roots:  # a layer called on several groups joins them: it has one range
-            parent[root] = find(inputs[0])
     for name, inputs in readers.items():
         by_root.setdefault(find(inputs[0]), []).append(name)
     groups = []
