@@ -114,9 +114,13 @@ class ImageClassifier(pl.LightningModule):
         images, labels = batch
         logits = self(images)
         loss = self.criterion(logits, labels)
-        metric(logits, labels)
+        # update, not forward: forward also computes this batch's accuracy, kernels nobody reads
+        metric.update(logits.detach(), labels)
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=not on_step)
+        # No step value on the progress bar: Lightning turns every progress-bar tensor into a Python number
+        # after every batch, a host sync that stalls a GPU's queue each step. The logger still gets the step
+        # loss every log_every_n_steps, the bar the epoch means.
+        self.log(f"{stage}/loss", loss.detach(), on_step=on_step, on_epoch=True, prog_bar=not on_step, sync_dist=not on_step)
         self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 

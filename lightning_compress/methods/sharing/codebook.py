@@ -65,11 +65,20 @@ def write_weights(module: nn.Module) -> None:
 
 
 def _cluster_sum(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """Per-centroid sum of ``tensor`` over the cluster's members (pruned entries add nothing).
+
+    Written with fixed shapes (pruned entries add a zero to centroid 0) rather than a boolean index or
+    ``bincount``: both size their output from the data, which on a GPU waits for it, once per layer and step.
+    """
     code = module.weight_code.long()
     kept = code >= 0
+    values = torch.where(kept, tensor.float(), torch.zeros((), device=tensor.device))
     sums = torch.zeros(module.weight_codebook.numel(), dtype=torch.float32, device=tensor.device)
-    sums.index_add_(0, code[kept], tensor[kept].float())
-    return sums
+    return sums.index_add_(0, code.clamp(min=0).flatten(), values.flatten())
+
+
+def _cluster_sizes(module: nn.Module) -> torch.Tensor:
+    return _cluster_sum(module, torch.ones_like(module.weight_code, dtype=torch.float32))
 
 
 @torch.no_grad()
@@ -86,15 +95,14 @@ def tie_gradients(module: nn.Module, reduce: str = "sum") -> None:
     sums = _cluster_sum(module, grad)
     code = module.weight_code.long()
     if reduce == "mean":
-        sums = sums / torch.bincount(code[code >= 0], minlength=sums.numel()).clamp(min=1)
+        sums = sums / _cluster_sizes(module).clamp(min=1)
     grad.copy_(torch.where(code >= 0, sums.to(grad.dtype)[code.clamp(min=0)], torch.zeros((), dtype=grad.dtype, device=grad.device)))
 
 
 @torch.no_grad()
 def sync_to_codebook(module: nn.Module) -> None:
     """Centroids := mean of their members' current weights; weights := their centroid."""
-    code = module.weight_code.long()
-    counts = torch.bincount(code[code >= 0], minlength=module.weight_codebook.numel()).float()
+    counts = _cluster_sizes(module)
     sums = _cluster_sum(module, module.weight.detach())
     module.weight_codebook.copy_(torch.where(counts > 0, sums / counts.clamp(min=1), module.weight_codebook))
     write_weights(module)

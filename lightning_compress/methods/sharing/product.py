@@ -199,7 +199,9 @@ def _centroid_sums(module: nn.Module, tensor: torch.Tensor) -> tuple[torch.Tenso
     blocks, k, d = module._buffers[CODEBOOK].shape
     sums = torch.zeros(blocks * k, d, dtype=torch.float64, device=tensor.device)
     sums.index_add_(0, index, _subvectors(module, tensor).reshape(-1, d).double())
-    counts = torch.bincount(index, minlength=blocks * k)[:, None]
+    # not bincount: on a GPU it reads the largest index back to size its output, a wait every step
+    counts = torch.zeros(blocks * k, dtype=torch.long, device=index.device).index_add_(
+        0, index, torch.ones_like(index))[:, None]
     return index, sums, counts
 
 
