@@ -14,6 +14,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from .methods.structure import plain_state_dict, restore_structure, restore_structure_on_load
 from .models import create_model
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The model weights of a Lightning checkpoint (``model.`` prefix removed) or of a plain state dict.
@@ -50,6 +52,11 @@ class ImageClassifier(pl.LightningModule):
         weights: a checkpoint (Lightning ``.ckpt`` or a state dict) whose weights the model starts
             from; unlike ``ckpt_path`` of ``fit``, it restores no optimizer, epoch or callback state.
         channels_last: keep weights and inputs in NHWC memory format (faster convolutions on GPUs).
+        compile: run the network through ``torch.compile`` (``True``, or one of its modes:
+            ``"default"``, ``"reduce-overhead"`` (CUDA graphs), ``"max-autotune"``,
+            ``"max-autotune-no-cudagraphs"``). It is compiled at its first call, after the callbacks
+            built their layers, and again when one changes the structure (a decomposition mid-fit); the
+            state dict keeps its plain names. On CUDA the SGD / AdamW update is the fused kernel either way.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -75,6 +82,7 @@ class ImageClassifier(pl.LightningModule):
         label_smoothing: float = 0.0,
         weights: str | None = None,
         channels_last: bool = False,
+        compile: bool | str = False,
     ) -> None:
         super().__init__()
         if optimizer not in ("sgd", "adamw"):
@@ -87,6 +95,9 @@ class ImageClassifier(pl.LightningModule):
             raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1)")
         if warmup_epochs < 0:
             raise ValueError(f"warmup_epochs={warmup_epochs} must be >= 0")
+        if compile not in (True, False, *COMPILE_MODES):
+            raise ValueError(f"compile={compile!r} is not supported; valid: True, False, "
+                             + ", ".join(repr(m) for m in COMPILE_MODES))
         self.save_hyperparameters()
         self.model = create_model(model, num_classes=num_classes, **(model_kwargs or {}))
         if weights:
@@ -108,7 +119,23 @@ class ImageClassifier(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.model(x)
+        return self._network()(x)
+
+    def _network(self) -> nn.Module:
+        if not self.hparams.get("compile"):
+            return self.model
+        compiled = self.__dict__.get("_compiled")
+        if compiled is None or compiled._orig_mod is not self.model:  # a peer or a user swapped the network
+            mode = None if self.hparams.compile is True else self.hparams.compile
+            compiled = torch.compile(self.model, mode=mode)
+            # Kept out of the module tree: state dict keys, hooks and callbacks see the plain network.
+            self.__dict__["_compiled"] = compiled
+        return compiled
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_compiled", None)  # compiled code does not pickle (ddp_spawn, deepcopy): rebuilt on use
+        return state
 
     def _step(self, batch, stage: str, metric: MulticlassAccuracy) -> torch.Tensor:
         images, labels = batch
@@ -146,10 +173,13 @@ class ImageClassifier(pl.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
+        # One fused kernel for the whole update instead of a few per tensor (foreach): on a GPU the step of
+        # a small network is launch-bound. The state (momentum buffers) is the same, so masks clear it alike.
+        fused = {"fused": True} if self.device.type == "cuda" else {}
         if hp.optimizer == "sgd":
-            optimizer = torch.optim.SGD(self._param_groups(), lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov)
+            optimizer = torch.optim.SGD(self._param_groups(), lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov, **fused)
         else:
-            optimizer = torch.optim.AdamW(self._param_groups(), lr=hp.lr)
+            optimizer = torch.optim.AdamW(self._param_groups(), lr=hp.lr, **fused)
         if hp.scheduler == "none":
             return optimizer
         total = max(1, int(self.trainer.estimated_stepping_batches))

@@ -78,7 +78,8 @@ def test_weights_errors(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, name",
     [({"optimizer": "lbfgs"}, "optimizer"), ({"scheduler": "step"}, "scheduler"), ({"lr": 0}, "lr"),
-     ({"label_smoothing": 1.0}, "label_smoothing"), ({"warmup_epochs": -1}, "warmup_epochs")],
+     ({"label_smoothing": 1.0}, "label_smoothing"), ({"warmup_epochs": -1}, "warmup_epochs"),
+     ({"compile": "fast"}, "compile")],
 )
 def test_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):
@@ -130,3 +131,23 @@ def test_weights_accept_the_checkpoint_of_every_technique(tmp_path, technique):
         assert torch.equal(started.model.state_dict()[key], value), key
     if technique in ("pruning", "composed"):  # the masks became exact zeros
         assert any(float((v == 0).float().mean()) > 0.4 for k, v in expected.items() if k.endswith("weight"))
+
+
+def test_compiled_network_stays_out_of_the_module_tree(monkeypatch):
+    """compile=True wraps the network at its first call; state dict, pickling and deepcopy see the plain one."""
+    import copy
+    import pickle
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: real_compile(model, backend="aot_eager"))
+    module = ImageClassifier("digits_cnn", compile="max-autotune-no-cudagraphs").eval()
+    plain = ImageClassifier("digits_cnn").eval()
+    plain.load_state_dict(module.state_dict())
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(module(x), plain(x), atol=1e-6)
+    assert "_compiled" in module.__dict__ and not any("_orig_mod" in k for k in module.state_dict())
+    for twin in (pickle.loads(pickle.dumps(module)), copy.deepcopy(module)):
+        with torch.no_grad():
+            assert torch.allclose(twin(x), plain(x), atol=1e-6)
+        assert twin.__dict__["_compiled"]._orig_mod is twin.model  # compiled again for the copy's own network

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from .augment import normalize, random_crop_flip
 from .cifar10_source import CLASSES, default_cache_dir, default_data_dir, load_cifar10, prepare_cifar10
 from .sampling import EpochSeededRandomSampler, global_seed
-from .tensor_dataset import TensorBatchDataset, keep_batch
+from .tensor_dataset import IndexBatchDataset, TensorBatchDataset, keep_batch
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -42,6 +42,10 @@ class CIFAR10DataModule(pl.LightningDataModule):
         cache_dir: where the decoded tensors go. Default: ``$LIGHTNING_COMPRESS_CACHE``, else
             ``~/.cache/lightning_compress``.
         num_workers: DataLoader workers (0 is fastest: a batch is one tensor index).
+        device_resident: copy each split to the training device once (CIFAR-10's 50,000 training images
+            are 150 MB as uint8) and let the DataLoader hand out batches of indices only: the gather, crop,
+            flip and normalisation all run on the device, and the host does no per-batch copy or pinning.
+            The batches (order, crops) are the same as without it.
 
     Shuffling and augmentation are functions of the seed of ``seed_everything``, the epoch and the
     step, so a run resumed from a checkpoint sees the same batches as an uninterrupted one.
@@ -69,6 +73,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         download: bool = False,
         cache_dir: str | None = None,
         num_workers: int = 0,
+        device_resident: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -90,7 +95,9 @@ class CIFAR10DataModule(pl.LightningDataModule):
         self.augment = augment
         self.download = download
         self.num_workers = num_workers
+        self.device_resident = device_resident
         self.train_set = self.val_set = self.test_set = None
+        self._resident: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def prepare_data(self) -> None:
         # Lightning calls this on one process per node: the only place that decodes and writes.
@@ -114,7 +121,10 @@ class CIFAR10DataModule(pl.LightningDataModule):
             TensorBatchDataset(data.train_images[val_idx], data.train_labels[val_idx]) if self.val_size else self.test_set
         )
 
-    def _loader(self, dataset: TensorBatchDataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        dataset = getattr(self, f"{split}_set")
+        if self.device_resident:
+            dataset = IndexBatchDataset(split, len(dataset))
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -123,19 +133,29 @@ class CIFAR10DataModule(pl.LightningDataModule):
             collate_fn=keep_batch,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=torch.cuda.is_available() and not self.device_resident,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, shuffle=True)
+        return self._loader("train", self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
+        return self._loader("val", self.eval_batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
+        return self._loader("test", self.eval_batch_size, shuffle=False)
+
+    def _gather(self, split: str, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (split, indices.device)
+        if key not in self._resident:  # once per split and device
+            dataset = getattr(self, f"{split}_set")
+            self._resident[key] = (dataset.images.to(indices.device), dataset.labels.to(indices.device))
+        images, labels = self._resident[key]
+        return images[indices], labels[indices]
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if isinstance(batch[0], str):  # device_resident: (split, indices)
+            batch = self._gather(*batch)
         images, labels = batch
         trainer = self.trainer  # None outside a Trainer
         if self.augment and trainer is not None and trainer.training:

@@ -323,3 +323,58 @@ def test_full_cifar10_from_shared_zip(real_cifar_dir, tmp_path):
     assert len(dm.train_set) == 45_000 and len(dm.val_set) == 5_000 and len(dm.test_set) == 10_000
     counts = dm.test_set.labels.bincount()
     assert torch.equal(counts, torch.full((10,), 1000))
+
+
+class _RecordBatches(__import__("lightning.pytorch", fromlist=["Callback"]).Callback):
+    def __init__(self) -> None:
+        self.batches = {"train": [], "val": [], "test": []}
+
+    def _keep(self, stage, batch):
+        self.batches[stage].append(tuple(t.clone() for t in batch))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._keep("train", batch)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self._keep("val", batch)
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self._keep("test", batch)
+
+
+def test_device_resident_data_gives_the_same_batches(tiny_cifar_dir, cache_dir):
+    """The DataLoader hands out indices only; crops, flips, order and the eval splits are unchanged."""
+    import lightning.pytorch as pl
+
+    from lightning_compress import ImageClassifier
+
+    seen = {}
+    for resident in (False, True):
+        pl.seed_everything(3)
+        record = _RecordBatches()
+        dm = CIFAR10DataModule(str(tiny_cifar_dir), batch_size=8, val_size=10, cache_dir=str(cache_dir),
+                               device_resident=resident)
+        trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=[record])
+        module = ImageClassifier("vgg11_bn", model_kwargs={"width": 0.125}, lr=0.01)
+        trainer.fit(module, datamodule=dm)
+        trainer.test(module, datamodule=dm, verbose=False)
+        seen[resident] = record.batches
+        if resident:
+            assert isinstance(next(iter(dm.train_dataloader()))[0], str)  # (split, indices): no images on the host side
+    for stage in ("train", "val", "test"):
+        assert len(seen[True][stage]) == len(seen[False][stage]) > 0
+        for a, b in zip(seen[True][stage], seen[False][stage]):
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_device_resident_indices_work_with_distributed_sampler():
+    from lightning_compress.data.tensor_dataset import IndexBatchDataset
+
+    seen = []
+    for rank in range(2):
+        sampler = DistributedSampler(IndexBatchDataset("train", 20), num_replicas=2, rank=rank, shuffle=True, seed=3)
+        for split, indices in DataLoader(IndexBatchDataset("train", 20), batch_size=4, sampler=sampler, collate_fn=keep_batch):
+            assert split == "train"
+            seen += indices.tolist()
+    assert sorted(seen) == list(range(20))

@@ -176,19 +176,25 @@ def _zero_pruned(root: nn.Module, refs: dict[str, tuple[list[int], list[int]]], 
     """
     cache: dict[torch.device, tuple] = {}
 
+    def alive(masks: list, device: torch.device, ndim: int) -> torch.Tensor:
+        keep = torch.ones(channels, dtype=torch.bool, device=device)
+        for mask, (channel, position) in zip(masks, refs.values()):
+            if mask is not None:
+                keep[torch.tensor(position, device=device)] = mask.flatten(1).any(1)[torch.tensor(channel, device=device)]
+        return keep.view(1, -1, *([1] * (ndim - 2)))
+
     def hook(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
         if output.shape[1] != channels:  # the layer was resized since: its pruner is being rebuilt
             return output
         masks = [getattr(root.get_submodule(conv), "weight_mask", None) for conv in refs]
+        if torch.compiler.is_compiling():
+            # Inside a compiled graph the vector is a few fused ops; the cache below, keyed on tensor
+            # versions, is what dynamo cannot trace (a graph break and a recompile per layer).
+            return output * alive(masks, output.device, output.ndim).to(output.dtype)
         key = tuple((id(m), m._version) if m is not None else None for m in masks)
         cached = cache.get(output.device)
         if cached is None or cached[0] != key:
-            alive = torch.ones(channels, dtype=torch.bool, device=output.device)
-            for mask, (channel, position) in zip(masks, refs.values()):
-                if mask is not None:
-                    index = torch.tensor(channel, device=output.device)
-                    alive[torch.tensor(position, device=output.device)] = mask.flatten(1).any(1)[index]
-            cached = cache[output.device] = (key, alive.view(1, -1, *([1] * (output.ndim - 2))))
+            cached = cache[output.device] = (key, alive(masks, output.device, output.ndim))
         return output * cached[1].to(output.dtype)
 
     return hook

@@ -64,10 +64,11 @@ class _QuantizedMixin:
             return fixed_point(x, fmt).to(x.dtype)
         if self.observing and self.training:
             self._observe(x)
-        elif not bool(self.activation_observed):
-            return x  # nothing seen yet (a forward in eval mode before any calibration)
         scale, zero_point = self.activation_scale_zero_point()
-        return fake_quantize(x, scale, zero_point, fmt, signed=fmt.scheme == "symmetric").to(x.dtype)
+        quantized = fake_quantize(x, scale, zero_point, fmt, signed=fmt.scheme == "symmetric").to(x.dtype)
+        # Nothing seen yet (a forward in eval mode before any calibration): the input as it is. A select,
+        # not an ``if``: reading the flag back would wait for the device in every layer and step.
+        return torch.where(self.activation_observed, quantized, x)
 
     def activation_scale_zero_point(self) -> tuple[torch.Tensor, torch.Tensor]:
         return minmax_scale(self.activation_min, self.activation_max, self.activation_format,
