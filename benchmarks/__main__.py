@@ -22,6 +22,7 @@ BENCHMARKS = {
     "sharing": ("sharing", "pq-vs-kmeans: product quantization vs scalar k-means at equal packed-file bytes (digits)"),
     "data-pipeline": ("data_pipeline", "CIFAR10DataModule throughput vs plain indexing and per-image transforms"),
     "executorch-latency": ("executorch_latency", "ExecuTorch int8 (XNNPACK) vs ONNX Runtime int8 / fp32, batch 1 (edge extra)"),
+    "fullscale": ("fullscale", "one GPU: the full-scale VGG19 table (baseline, every recipe, the peers) in one command; --smoke on the CPU"),
     "recipes": ("recipes", "run | latency: every recipe of recipes/ at CPU-proxy scale, beside its peers"),
     "report": ("report", "write the README's generated tables (frontier, recipes) and their plots"),
 }

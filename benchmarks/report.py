@@ -17,6 +17,8 @@ Each section is rewritten between its ``<!-- NAME:start -->`` and ``<!-- NAME:en
   targets against it; ``benchmarks/results/recipes_frontier_cpu.png`` (VGG19: accuracy change against
   the file's compression ratio) and ``benchmarks/results/recipes_layers_cpu.png`` (per layer of the
   best VGG19 model and of the composed one: parameters kept, density, bits).
+* ``fullscale``: the full-scale GPU table of ``fullscale_gpu.json`` (``python -m benchmarks.fullscale``) and
+  its targets, with ``benchmarks/results/fullscale_frontier_gpu.png`` (:mod:`benchmarks.common_report_fullscale`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 from .common import README, RESULTS, parser, read_result
 
 RECIPES_SOURCE = RESULTS / "recipes_cpu.json"
-SECTIONS = ("frontier", "recipes")  # the README markers this module owns
+SECTIONS = ("frontier", "recipes", "fullscale")  # the README markers this module owns
 BITS = {"int8": 8, "w4a8": 4, "fixed_point_w8a8": 8, "binary": 1}
 # "Best" VGG19 model for the per-layer plot: the smallest file within this many points of the baseline.
 BEST_WITHIN_POINTS = 1.0
@@ -76,6 +78,10 @@ def sections(names: list[str], plots: bool) -> dict[str, str]:
                 recipes_plot(data, RESULTS / "recipes_frontier_cpu.png")
                 shown = recipes_layers_plot(data, RESULTS / "recipes_layers_cpu.png")
                 print("per-layer plot:", ", ".join(r["name"] for r in shown))
+    if "fullscale" in names:
+        from .common_report_fullscale import section
+
+        out["fullscale"] = section(recipes_plot if plots else None)
     return out
 
 
@@ -260,7 +266,7 @@ def targets_table(data: dict) -> str:
     return "\n".join(lines)
 
 
-def recipes_plot(data: dict, path: Path) -> None:
+def recipes_plot(data: dict, path: Path, title: str = "VGG19-BN recipes at CPU-proxy scale (quarter width, 10k CIFAR-10 images)") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -283,8 +289,7 @@ def recipes_plot(data: dict, path: Path) -> None:
         placed.append(point)
         ax.annotate(name, point, fontsize=7,
                     xytext=(4, 3 - 9 * stacked), textcoords="offset points")
-    finish_ratio_plot(fig, ax, path, "file on disk vs the baseline's fp32 state dict",
-                      "VGG19-BN recipes at CPU-proxy scale (quarter width, 10k CIFAR-10 images)")
+    finish_ratio_plot(fig, ax, path, "file on disk vs the baseline's fp32 state dict", title)
     plt.close(fig)
 
 

@@ -34,7 +34,7 @@ def test_every_listed_benchmark_imports_and_has_main():
     from benchmarks.__main__ import BENCHMARKS
 
     modules = {module for module, _ in BENCHMARKS.values()}
-    files = {p.stem for p in BENCHMARKS_DIR.glob("*.py")} - {"__init__", "__main__", "common"}
+    files = {p.stem for p in BENCHMARKS_DIR.glob("*.py") if not p.stem.startswith("common")} - {"__init__", "__main__"}
     assert modules == files  # every benchmark is listed, and every listed one exists
     for module in modules:
         assert callable(importlib.import_module(f"benchmarks.{module}").main)
@@ -55,11 +55,12 @@ def test_entry_point_lists_and_dispatches(capsys):
 
 
 def test_no_benchmark_imports_another_benchmarks_names():
-    """Helpers used by several benchmarks live in common.py; a benchmark imports nothing else of ours."""
+    """Helpers used by several benchmarks live in common.py (or a common_*.py beside it); a benchmark
+    imports no other benchmark."""
     for path in BENCHMARKS_DIR.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.level > 0:
-                assert node.module == "common", (path.name, node.module)
+                assert node.module.startswith("common"), (path.name, node.module)
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("benchmarks"):
                 raise AssertionError((path.name, node.module))
 
@@ -168,7 +169,8 @@ def test_recipe_scaling_keeps_each_schedule_in_proportion():
 
 
 def test_every_benchmarked_recipe_scales_to_a_valid_schedule():
-    from benchmarks.recipes import EPOCH_KEYS, RUNS, scale_config
+    from benchmarks.common_recipes import EPOCH_KEYS
+    from benchmarks.recipes import RUNS, scale_config
 
     for _, recipe, _ in RUNS:
         scaled = scale_config(_recipe(recipe), "DATA", "CACHE")
@@ -206,3 +208,66 @@ def test_recipes_table_comes_from_the_results_json(tmp_path):
     shown = report.recipes_layers_plot(data, tmp_path / "layers.png")
     assert (tmp_path / "layers.png").stat().st_size > 10_000
     assert all(row["name"].startswith("vgg19/") and not row.get("peer") for row in shown)
+
+
+def test_fullscale_covers_every_vgg19_recipe_with_valid_schedules():
+    from benchmarks.common_recipes import EPOCH_KEYS, RECIPES
+    from benchmarks.fullscale import Plan, full_config, runs
+
+    table = runs()
+    recipes = {recipe for recipe, _ in table.values()}
+    assert recipes == {str(p.relative_to(RECIPES)) for p in (RECIPES / "vgg19_cifar10").glob("*.yaml")}
+    assert {peer for _, peer in table.values()} >= {"model_pruning", "tensorly_tucker", "torch_ao_qat"}
+    plan = Plan()
+    for recipe in recipes:
+        config = full_config(recipe, plan, "DATA", "CACHE")
+        trainer, data = config["trainer"], config["data"]["init_args"]
+        assert trainer["accelerator"] == "gpu" and trainer["precision"] == "bf16-mixed" and data["device_resident"]
+        assert data["batch_size"] == plan.batch_size and config["model"]["compile"] == plan.compile
+        epochs = trainer["max_epochs"]
+        assert epochs == (plan.baseline_epochs if recipe.endswith("baseline.yaml") else min(epochs, plan.recipe_epochs))
+        for callback in trainer.get("callbacks", []):
+            args = callback.get("init_args") or {}
+            assert all(0 <= args[k] <= epochs for k in EPOCH_KEYS if isinstance(args.get(k), int)), recipe
+            if "end_epoch" in args:
+                assert args["start_epoch"] < args["end_epoch"], recipe
+
+
+def test_fullscale_smoke_writes_the_table(tiny_cifar_dir, tmp_path, monkeypatch):
+    """``python -m benchmarks.fullscale --smoke``: the GPU command's code on the CPU at tiny scale, a row of
+    each kind with its peer; the JSON is copied to $OUT after each row."""
+    from benchmarks import fullscale
+
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    results = tmp_path / "fullscale.json"
+    fullscale.main(["--smoke", "--data-dir", str(tiny_cifar_dir), "--cache-dir", str(tmp_path / "cache"),
+                    "--work", str(tmp_path / "work"), "--results", str(results),
+                    "--only", "vgg19/baseline", "vgg19/prune_98", "vgg19/qat_int8", "vgg19/tucker"])
+    data = json.loads(results.read_text())
+    assert json.loads((tmp_path / "out" / results.name).read_text()) == data
+    assert data["plain_loop_epoch_seconds"] > 0 and data["ours_epoch_seconds"] > 0
+    rows = {r["name"]: r for r in data["rows"]}
+    assert [r for r in rows.values() if "error" in r] == []
+    assert set(rows) == {"vgg19/baseline", "vgg19/prune_98", "vgg19/prune_98 ModelPruning", "vgg19/qat_int8",
+                         "vgg19/qat_int8 torch.ao", "vgg19/tucker", "vgg19/tucker TensorLy energy", "vgg19/tucker_15"}
+    for r in rows.values():
+        assert {"recipe", "peer", "accuracy", "file_bytes", "ratio", "epoch_seconds"} <= set(r), r["name"]
+        assert 0 <= r["accuracy"] <= 1 and r["file_bytes"] > 0 and r["epoch_seconds"] > 0
+    assert rows["vgg19/baseline"]["ratio"] == pytest.approx(rows["vgg19/baseline"]["state_dict_bytes"] / rows["vgg19/baseline"]["file_bytes"])
+    assert rows["vgg19/prune_98"]["nonzeros"] < 0.05 * rows["vgg19/prune_98"]["params"]  # the recipe's 98 %
+    assert rows["vgg19/prune_98 ModelPruning"]["peer"] == "Lightning ModelPruning"
+    assert rows["vgg19/qat_int8"]["runtime"] == "onnxruntime" and rows["vgg19/tucker"]["ratio"] > 5
+    assert rows["vgg19/tucker TensorLy energy"]["params"] >= rows["vgg19/tucker"]["params"]  # matched to ours
+    # The README's section renders from such a JSON (never from a smoke run's), with its plot.
+    from benchmarks import common_report_fullscale
+
+    assert not common_report_fullscale.measured(data)
+    data["smoke"] = False
+    assert common_report_fullscale.measured(data)
+    text = "\n".join([common_report_fullscale.header(data), common_report_fullscale.table(data), common_report_fullscale.targets(data)])
+    assert "| prune_98 | Lightning ModelPruning |" in text and "prune_98 ahead of Lightning ModelPruning" in text
+    assert "<= 1.05x a plain PyTorch loop" in text
+    from benchmarks.report import recipes_plot
+
+    common_report_fullscale.plot(data, tmp_path / "frontier.png", recipes_plot)
+    assert (tmp_path / "frontier.png").stat().st_size > 0
