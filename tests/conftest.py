@@ -49,3 +49,10 @@ def real_cifar_dir() -> Path:
     if not folder or not (Path(folder) / "cifar10-jpeg.zip").is_file():
         pytest.skip("set LIGHTNING_COMPRESS_DATA to a folder with cifar10-jpeg.zip to run this test")
     return Path(folder)
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under pytest-xdist each worker is one process per core: torch's own threads would oversubscribe them.
+    import torch
+
+    torch.set_num_threads(1)
