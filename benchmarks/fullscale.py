@@ -277,8 +277,10 @@ def table(args: argparse.Namespace, plan: Plan) -> dict:
     return data
 
 
-def _eval_device(plan: Plan) -> torch.device | None:
-    return torch.device("cuda") if plan.accelerator == "gpu" else None
+def _eval_device(plan: Plan) -> torch.device:
+    """Float and packed artifacts are evaluated in torch on the training device (the smoke run takes the
+    GPU run's path, on the CPU)."""
+    return torch.device("cuda") if plan.accelerator == "gpu" else torch.device("cpu")
 
 
 def _expected_seconds(config: dict, data: dict, plan: Plan) -> float:

@@ -257,6 +257,7 @@ def test_fullscale_smoke_writes_the_table(tiny_cifar_dir, tmp_path, monkeypatch)
     assert rows["vgg19/prune_98"]["nonzeros"] < 0.05 * rows["vgg19/prune_98"]["params"]  # the recipe's 98 %
     assert rows["vgg19/prune_98 ModelPruning"]["peer"] == "Lightning ModelPruning"
     assert rows["vgg19/qat_int8"]["runtime"] == "onnxruntime" and rows["vgg19/tucker"]["ratio"] > 5
+    assert rows["vgg19/prune_98"]["runtime"] == "torch"  # float rows: torch on the training device, as on a GPU
     assert rows["vgg19/tucker TensorLy energy"]["params"] >= rows["vgg19/tucker"]["params"]  # matched to ours
     # The README's section renders from such a JSON (never from a smoke run's), with its plot.
     from benchmarks import common_report_fullscale
