@@ -84,3 +84,23 @@ def test_a_step_between_updates_reads_nothing_back(name):
     trainer.fit(ImageClassifier("digits_cnn", lr=0.01), datamodule=DigitsDataModule(batch_size=32))
     assert watch.seen is not None, "the watched step never ran"
     assert dict(watch.seen) == {}
+
+
+USERS = {
+    # a torchvision ResNet-18 (outside the registry) in a user's LightningModule without .model
+    "resnet18": lambda: [IterativePruning(sparsity=0.5, schedule="agp", start_epoch=0, end_epoch=2, frequency=4,
+                                          structure="filter", channel_multiple=1)],
+    "linear_transformer": lambda: [_agp(rehabilitation=True), QuantizationAwareTraining(weight_bits=4, per_channel=True)],
+}
+
+
+@pytest.mark.parametrize("network", list(USERS))
+def test_a_step_in_a_users_module_reads_nothing_back(network):
+    from ..users.models import UserClassifier, loader
+
+    watch = WatchOneStep(step=6)  # 4 batches an epoch: epoch 1, between the updates of steps 4 and 8
+    trainer = pl.Trainer(max_epochs=3, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
+                         enable_checkpointing=False, enable_model_summary=False, callbacks=[watch, *USERS[network]()])
+    trainer.fit(UserClassifier(network), loader(network))
+    assert watch.seen is not None, "the watched step never ran"
+    assert dict(watch.seen) == {}
