@@ -135,6 +135,28 @@ class StepTimer(pl.Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
+def sync_device() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class EpochTimer(pl.Callback):
+    """Wall seconds of each epoch's training steps (the device synchronized at both ends), without the
+    validation and checkpointing that Lightning runs before ``on_train_epoch_end``."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        sync_device()
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == trainer.num_training_batches - 1:  # the epoch's last step
+            sync_device()
+            self.seconds.append(time.perf_counter() - self._start)
+
+
 # ------------------------------------------------------------------------------ the proxy protocol
 
 CHECKPOINT = Path("checkpoints/proxy/baseline.ckpt")

@@ -31,26 +31,7 @@ from lightning_compress import CIFAR10DataModule, ImageClassifier, TensorDecompo
 from lightning_compress.methods.decomposition import apply_plan, plan_decomposition, plan_from_state
 from lightning_compress.models import create_model
 
-from .common import RESULTS, machine, model_latency, parser, peer_energy_tucker, write_result
-
-
-class EpochTimer(pl.Callback):
-    """Wall seconds of each training epoch (the GPU synchronized at both ends)."""
-
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-
-    def _sync(self) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._sync()
-        self._start = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self._sync()
-        self.seconds.append(time.perf_counter() - self._start)
+from .common import RESULTS, EpochTimer, machine, model_latency, parser, peer_energy_tucker, write_result
 
 
 def _trainer(epochs: int, callbacks: list, gpu: bool) -> pl.Trainer:

@@ -43,7 +43,7 @@ from lightning_compress.data.cifar10 import CIFAR10_MEAN, CIFAR10_STD
 from lightning_compress.data.cifar10_source import default_cache_dir, default_data_dir, load_cifar10
 from lightning_compress.models import create_model
 
-from .common import RESULTS, machine, parser, write_result
+from .common import RESULTS, EpochTimer, machine, parser, sync_device, write_result
 from .common_recipes import PEER_LABELS, RECIPES, ROOT, rescale_epochs, run_config
 
 RESULTS_FILE = RESULTS / "fullscale_gpu.json"
@@ -115,28 +115,6 @@ def full_config(recipe: str, plan: Plan, data_dir: str, cache_dir: str) -> dict:
     return config
 
 
-class EpochTimer(pl.Callback):
-    """Wall seconds of each epoch's training steps (the device synchronized at both ends), without the
-    validation and checkpointing that Lightning runs before ``on_train_epoch_end``."""
-
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        _sync()
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if batch_idx == trainer.num_training_batches - 1:  # the epoch's last step: validation and saves come after
-            _sync()
-            self.seconds.append(time.perf_counter() - self._start)
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def steady_epoch_seconds(seconds: list[float]) -> float | None:
     """Median epoch time without the first epoch (compilation, cuDNN autotuning, warm caches)."""
     steady = seconds[1:] or seconds
@@ -165,7 +143,7 @@ def plain_loop_epoch_seconds(plan: Plan, data_dir: str, cache_dir: str, epochs: 
     steps = len(images) // plan.batch_size
     seconds = []
     for _ in range(epochs):
-        _sync()
+        sync_device()
         start = time.perf_counter()
         order = torch.randperm(len(images), device=device)
         for step in range(steps):
@@ -176,7 +154,7 @@ def plain_loop_epoch_seconds(plan: Plan, data_dir: str, cache_dir: str, epochs: 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        _sync()
+        sync_device()
         seconds.append(time.perf_counter() - start)
     return {"epoch_seconds": steady_epoch_seconds(seconds), "all_epoch_seconds": [round(s, 3) for s in seconds],
             "steps_per_epoch": steps}
@@ -318,7 +296,7 @@ def profile(args: argparse.Namespace, plan: Plan) -> None:
 
         def on_train_epoch_end(self, trainer, pl_module):
             if trainer.current_epoch == 1:
-                _sync()
+                sync_device()
                 self.prof.__exit__(None, None, None)
 
     work = Path(args.work).resolve()
